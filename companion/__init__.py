@@ -1,0 +1,14 @@
+"""companion: the estimators, distributions and models of the book *Pathwise Gradients*.
+
+Modules are organised by what a reader cites (see the book's intro):
+
+- :mod:`companion.runtime`        device, seeding, the quick/full profiles
+- :mod:`companion.estimators`     pathwise, score-function and measure-valued gradients
+- :mod:`companion.closed_forms`   exact Gaussian expectations used as references
+- :mod:`companion.distributions`  truncated normal/logistic, Kumaraswamy-Beta KL, clipping
+- :mod:`companion.relaxations`    Gumbel-max, Gumbel-Softmax, straight-through, annealing
+- :mod:`companion.plotting`       the book's figure style
+
+Nothing runs on import beyond defining functions.
+"""
+__version__ = "0.1.0"

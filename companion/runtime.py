@@ -1,0 +1,80 @@
+"""Where the book's code runs and how big it runs: device, seeding, profiles.
+
+Every chapter calls :func:`seed` once at the top and takes its sizes from :func:`pick`, so
+that the ``quick`` profile (the default) runs on a laptop CPU in seconds and the ``full``
+profile runs the same code at paper scale on a GPU::
+
+    COMPANION_PROFILE=full make book
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from typing import Iterator, TypeVar
+
+import numpy as np
+import torch
+
+__all__ = ["PROFILES", "device", "seed", "profile", "pick", "rng"]
+
+PROFILES = ("quick", "full")
+T = TypeVar("T")
+
+
+def device() -> torch.device:
+    """The device chapters compute on: CUDA when a GPU is visible, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed(n: int) -> torch.Generator:
+    """Seed Python's, NumPy's and torch's global generators with ``n``.
+
+    Returns a fresh ``torch.Generator`` on :func:`device` seeded with ``n``, for functions
+    that take ``generator=``.
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"seed: n must be a non-negative int, got {n!r}")
+    random.seed(n)
+    np.random.seed(n % 2**32)
+    torch.manual_seed(n)
+    return torch.Generator(device=device()).manual_seed(n)
+
+
+def profile() -> str:
+    """The run profile, read from the environment variable ``COMPANION_PROFILE``.
+
+    ``quick`` (the default) sizes every chapter for a 2-core CPU; ``full`` sizes it for a GPU.
+    """
+    name = os.environ.get("COMPANION_PROFILE", "quick").strip().lower() or "quick"
+    if name not in PROFILES:
+        raise ValueError(
+            f"COMPANION_PROFILE must be one of {PROFILES}, got {os.environ['COMPANION_PROFILE']!r}"
+        )
+    return name
+
+
+def pick(quick: T, full: T) -> T:
+    """The value for the current :func:`profile`: ``pick(quick=2_000, full=200_000)``."""
+    return quick if profile() == "quick" else full
+
+
+@contextlib.contextmanager
+def rng(generator: torch.Generator | None) -> Iterator[None]:
+    """Run the block with torch's global generator seeded from ``generator``.
+
+    ``torch.distributions`` samples only from the global generator. Inside
+    ``with rng(g):`` it draws from a stream determined by ``g`` (which advances), and the
+    global state is restored afterwards, so ``dist.rsample()`` becomes reproducible without
+    touching anyone else's randomness. With ``generator=None`` the block runs unchanged.
+    """
+    if generator is None:
+        yield
+        return
+    if not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    stream = int(torch.randint(2**62, (), generator=generator, device=generator.device))
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(stream)
+        yield

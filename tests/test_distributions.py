@@ -1,0 +1,229 @@
+"""companion.distributions: truncated normal/logistic, KL(Kumaraswamy || Beta), clipping."""
+import math
+
+import numpy as np
+import pytest
+import scipy.integrate
+import scipy.special
+import scipy.stats
+import torch
+from torch.distributions import Beta, Kumaraswamy
+
+from companion.distributions import TruncatedLogistic, TruncatedNormal, hard_clip, kl_kumaraswamy_beta, soft_clip
+from helpers import assert_mc_close
+
+INF = math.inf
+BOUNDS = [(-1.0, 2.0), (-INF, 0.5), (0.3, INF), (8.0, INF), (-INF, -8.0), (40.0, 41.0), (-INF, INF), (2.0, 2.001)]
+FAMILIES = [TruncatedNormal, TruncatedLogistic]
+
+
+def _scipy(family, loc, scale, low, high):
+    if family is TruncatedNormal:
+        return scipy.stats.truncnorm((low - loc) / scale, (high - loc) / scale, loc=loc, scale=scale)
+    return scipy.stats.truncate(scipy.stats.Logistic(), (low - loc) / scale, (high - loc) / scale) * scale + loc
+
+
+def _f64(*xs):
+    return [torch.tensor(x, dtype=torch.float64) for x in xs]
+
+
+# --------------------------------------------------------------------------- interface
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_interface(family):
+    loc, scale = torch.tensor(0.5, requires_grad=True), torch.tensor(2.0, requires_grad=True)
+    d = family(loc, scale, -1.0, 3.0)
+    x = d.rsample((5,))
+    assert x.shape == (5,) and x.requires_grad
+    assert not d.sample((5,)).requires_grad
+    assert d.has_rsample and d.support.check(x).all()
+    assert family(torch.zeros(2, 3), 1.0, -1.0, 1.0).rsample((4,)).shape == (4, 2, 3)
+    assert family(torch.zeros(3), 1.0, -1.0, 1.0).expand((2, 3)).rsample().shape == (2, 3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bad_parameters_raise_value_errors_naming_them(family):
+    with pytest.raises(ValueError, match="scale"):
+        family(0.0, -1.0, -1.0, 1.0, validate_args=True)
+    with pytest.raises(ValueError, match="low < high"):
+        family(0.0, 1.0, 2.0, 1.0, validate_args=True)
+    with pytest.raises(ValueError):
+        family(0.0, 1.0, -1.0, 1.0, validate_args=True).log_prob(torch.tensor(3.0))
+
+
+# --------------------------------------------------------------------------- against scipy
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("low,high", BOUNDS)
+def test_icdf_cdf_log_prob_match_scipy(family, low, high):
+    loc, scale = 0.3, 1.5
+    ref = _scipy(family, loc, scale, low, high)
+    d = family(*_f64(loc, scale, low, high))
+    u = torch.tensor([1e-6, 0.1, 0.5, 0.9, 1 - 1e-6], dtype=torch.float64)
+    x = d.icdf(u)
+    assert torch.all((x >= low) & (x <= high))
+    ppf = torch.as_tensor(np.asarray(ref.icdf(u.numpy()) if hasattr(ref, "icdf") else ref.ppf(u.numpy())))
+    assert torch.allclose(x, ppf, rtol=1e-6, atol=1e-6 * scale)
+    assert torch.allclose(d.cdf(x), u, rtol=1e-8, atol=1e-12)
+    pdf = ref.logpdf(x.numpy()) if hasattr(ref, "logpdf") else np.log(ref.pdf(x.numpy()))
+    assert np.allclose(d.log_prob(x).numpy(), pdf, rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("low,high", BOUNDS)
+def test_truncated_normal_moments_match_scipy(low, high):
+    loc, scale = 0.3, 1.5
+    ref = scipy.stats.truncnorm((low - loc) / scale, (high - loc) / scale, loc=loc, scale=scale)
+    d = TruncatedNormal(*_f64(loc, scale, low, high))
+    assert d.mean.item() == pytest.approx(ref.mean(), rel=1e-9)
+    assert d.variance.item() == pytest.approx(ref.var(), rel=1e-4 if high - low < 0.01 else 1e-8)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_samples_follow_the_distribution(family):
+    # Kolmogorov-Smirnov against scipy's CDF; seeded, p > 1e-3 with 20k samples
+    loc, scale, low, high = 0.3, 1.5, -1.0, 2.0
+    torch.manual_seed(0)
+    x = family(*_f64(loc, scale, low, high)).sample((20_000,)).numpy()
+    assert scipy.stats.kstest(x, _scipy(family, loc, scale, low, high).cdf).pvalue > 1e-3
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("low,high", [(-1.0, 2.0), (-INF, 0.5), (0.3, INF), (8.0, INF), (3.0, 6.0)])
+def test_gradcheck_of_reparameterized_sample(family, low, high):
+    u = torch.tensor([0.05, 0.4, 0.93], dtype=torch.float64)
+
+    def sample(loc, scale, lo, hi):
+        return family(loc, scale, lo, hi).icdf(u)
+
+    args = [t.requires_grad_(math.isfinite(t.item())) for t in _f64(0.2, 1.3, low, high)]
+    assert torch.autograd.gradcheck(sample, args)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_far_tail_gives_finite_samples_inside_and_finite_gradients(family):
+    # a truncation 8 scales out (and 30, where a naive Phi^{-1}(Phi(a) + u (1 - Phi(a))) returns inf)
+    for a in (8.0, 30.0):
+        loc, scale = torch.tensor(0.0, requires_grad=True), torch.tensor(1.0, requires_grad=True)
+        torch.manual_seed(1)
+        x = family(loc, scale, a, INF).rsample((10_000,))  # float32, as a model would use
+        assert torch.isfinite(x).all() and (x >= a).all()
+        g = torch.autograd.grad(x.mean(), (loc, scale))
+        assert all(torch.isfinite(t) for t in g)
+
+
+def test_naive_inverse_cdf_fails_where_ours_holds():
+    a = torch.tensor(30.0, dtype=torch.float64)
+    u = torch.tensor(0.5, dtype=torch.float64)
+    normal = torch.distributions.Normal(0.0, 1.0)
+    naive = normal.icdf(normal.cdf(a) + u * (1 - normal.cdf(a)))
+    assert not torch.isfinite(naive)
+    ours = TruncatedNormal(*_f64(0.0, 1.0, 30.0, INF)).icdf(u)
+    ref = -scipy.special.ndtri_exp(scipy.special.log_ndtr(-30.0) + math.log(0.5))
+    assert ours.item() == pytest.approx(ref, rel=1e-12)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pathwise_gradient_of_the_mean_is_unbiased(family):
+    # d/dloc E[x] and d/dscale E[x] by finite differences of the exact mean (quadrature)
+    low, high, loc0, scale0 = -0.5, 2.5, 0.4, 1.1
+
+    def mean(loc, scale):
+        ref = _scipy(family, loc, scale, low, high)
+        return scipy.integrate.quad(lambda x: x * ref.pdf(x), low, high, epsabs=1e-13)[0]
+
+    h = 1e-5
+    exact = [(mean(loc0 + h, scale0) - mean(loc0 - h, scale0)) / (2 * h),
+             (mean(loc0, scale0 + h) - mean(loc0, scale0 - h)) / (2 * h)]
+    loc, scale = _f64(loc0, scale0)
+    from companion.estimators import gradient_samples
+
+    grads = gradient_samples("pathwise", lambda x: x, lambda m, s: family(m, s, low, high), (loc, scale),
+                             200_000, generator=torch.Generator().manual_seed(2))
+    assert_mc_close(torch.stack(grads, 1), exact)
+
+
+# --------------------------------------------------------------------------- KL(Kumaraswamy || Beta)
+
+
+def _kl_by_quadrature(a, b, alpha, beta):
+    """E_q[log q - log p] as an integral over v = 1 - u = e^{-s}, x = (1 - v^{1/b})^{1/a}."""
+    log_b = scipy.special.betaln(alpha, beta)
+
+    def integrand(s):
+        if s == 0.0:
+            return 0.0
+        lv = -s / b  # log v^{1/b}
+        lx = (math.log(-math.expm1(lv)) if lv > -1 else math.log1p(-math.exp(lv))) / a
+        l1mx = math.log(-math.expm1(lx)) if lx < 0 else lv - math.log(a)
+        log_q = math.log(a * b) + (a - 1) * lx + (b - 1) * lv
+        log_p = (alpha - 1) * lx + (beta - 1) * l1mx - log_b
+        return (log_q - log_p) * math.exp(-s)
+
+    return scipy.integrate.quad(integrand, 0, np.inf, limit=4000, epsabs=1e-13, epsrel=1e-11)[0]
+
+
+@pytest.mark.parametrize("a", [0.05, 0.5, 1.0, 5.0, 50.0])
+@pytest.mark.parametrize("b", [0.05, 0.3, 1.0, 5.0, 50.0])
+@pytest.mark.parametrize("alpha,beta", [(0.5, 0.2), (1.0, 1.0), (3.0, 4.0)])
+def test_kl_kumaraswamy_beta_matches_numerical_integration(a, b, alpha, beta):
+    kl = kl_kumaraswamy_beta(*_f64(a, b, alpha, beta)).item()
+    assert kl == pytest.approx(_kl_by_quadrature(a, b, alpha, beta), rel=1e-7, abs=1e-10)
+
+
+def test_kl_is_zero_for_the_uniform_and_matches_monte_carlo():
+    assert kl_kumaraswamy_beta(*_f64(1.0, 1.0, 1.0, 1.0)).item() == pytest.approx(0.0, abs=1e-12)
+    a, b, alpha, beta = _f64(2.0, 0.3, 1.0, 4.0)
+    torch.manual_seed(3)
+    q, p = Kumaraswamy(a, b), Beta(alpha, beta)
+    x = q.sample((400_000,)).clamp(1e-12, 1 - 1e-12)
+    assert_mc_close(q.log_prob(x) - p.log_prob(x), kl_kumaraswamy_beta(a, b, alpha, beta))
+
+
+def test_ten_term_truncation_is_badly_wrong_for_small_b():
+    a, b, alpha, beta = 0.5, 0.1, 1.0, 3.0
+    exact = _kl_by_quadrature(a, b, alpha, beta)
+    m = np.arange(1, 11)
+    series10 = np.sum(np.exp(scipy.special.betaln(m / a, b)) / (m + a * b))
+    full = kl_kumaraswamy_beta(*_f64(a, b, alpha, beta)).item()
+    truncated = full - (beta - 1) * b * (np.sum(np.exp(scipy.special.betaln(np.arange(1, 100001) / a, b))
+                                                / (np.arange(1, 100001) + a * b)) - series10)
+    assert full == pytest.approx(exact, rel=1e-8)
+    assert abs(truncated - exact) / exact > 0.1
+
+
+def test_kl_gradients_match_finite_differences():
+    args = [t.requires_grad_() for t in _f64(0.7, 0.4, 2.0, 3.0)]
+    assert torch.autograd.gradcheck(kl_kumaraswamy_beta, args)
+
+
+def test_kl_rejects_non_positive_parameters():
+    with pytest.raises(ValueError, match="parameter b"):
+        kl_kumaraswamy_beta(1.0, 0.0, 1.0, 1.0)
+
+
+# --------------------------------------------------------------------------- clipping
+
+
+def test_hard_clip_kills_gradient_outside_and_soft_clip_does_not():
+    z = torch.tensor([-3.0, 0.5, 4.0], requires_grad=True)
+    (g_hard,) = torch.autograd.grad(hard_clip(z, 0.0, 1.0).sum(), z)
+    assert g_hard.tolist() == [0.0, 1.0, 0.0]
+    (g_soft,) = torch.autograd.grad(soft_clip(z, 0.0, 1.0, tau=0.5).sum(), z)
+    assert torch.all(g_soft > 0)
+
+
+def test_soft_clip_tends_to_hard_clip():
+    z = torch.linspace(-3, 4, 50, dtype=torch.float64)
+    for tau, tol in [(0.1, 0.07), (0.01, 0.007), (0.001, 0.0007)]:
+        assert (soft_clip(z, 0.0, 1.0, tau) - hard_clip(z, 0.0, 1.0)).abs().max() <= tol  # <= tau log 2
+    s = soft_clip(z, 0.0, 1.0, 0.2)
+    assert torch.all((s > 0) & (s < 1)) and torch.all(s[1:] > s[:-1])
+    with pytest.raises(ValueError, match="low < high"):
+        soft_clip(z, 1.0, 0.0)
+    with pytest.raises(ValueError, match="tau"):
+        soft_clip(z, 0.0, 1.0, 0.0)
