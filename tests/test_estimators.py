@@ -236,3 +236,18 @@ def test_the_three_estimators_agree():
         for b in METHODS:
             diff = (results[a].mean - results[b].mean).abs()
             assert torch.all(diff <= Z * (results[a].stderr**2 + results[b].stderr**2).sqrt()), (a, b)
+
+
+def test_a_batch_of_independent_problems():
+    # f returning (S, B): one problem per batch element, baselines per element, value (B,)
+    mu = torch.tensor([0.0, 1.0, -2.0], dtype=torch.float64, requires_grad=True)
+    for method, options in [("pathwise", {}), ("score_function", {"baseline": "mean"})]:
+        mu.grad = None
+        est = ESTIMATORS[method](lambda x: x**2, Normal(mu, 1.0), 100_000, generator=torch.Generator().manual_seed(8),
+                                 **options)
+        assert est.value.shape == (3,)
+        assert torch.allclose(est.value, mu.detach() ** 2 + 1, atol=0.05)  # 5 s.e. of x^2 (var <= 2 + 4 mu^2) at 1e5
+        est.surrogate.backward()
+        assert torch.allclose(mu.grad, 2 * mu.detach(), atol=0.15)  # 5 s.e. of the score estimate at 1e5
+    with pytest.raises(ValueError, match="f must map"):
+        measure_valued(lambda x: x**2, Normal(mu, 1.0), 10)
