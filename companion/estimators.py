@@ -42,6 +42,7 @@ __all__ = [
     "METHODS",
     "MCSummary",
     "mc_summary",
+    "variance_stderr",
     "gaussian_expectation",
     "enumerate_expectation",
 ]
@@ -343,6 +344,20 @@ def mc_summary(samples: Tensor) -> MCSummary:
         raise ValueError("samples must have a leading sample dimension of size >= 2")
     var = samples.var(0)
     return MCSummary(samples.mean(0), var, (var / samples.shape[0]).sqrt())
+
+
+def variance_stderr(samples: Tensor) -> Tensor:
+    """Standard error of the sample variance along dim 0: ``sqrt((m4 - m2^2) / S)``.
+
+    ``m2``, ``m4`` are the second and fourth central sample moments; the formula is the
+    large-``S`` limit, reliable when the fourth moment is itself well estimated (it is not for
+    heavy-tailed samples, e.g. score-function gradients of ``exp``: prefer moderate parameters).
+    """
+    if samples.dim() == 0 or samples.shape[0] < 2:
+        raise ValueError("samples must have a leading sample dimension of size >= 2")
+    c = samples - samples.mean(0)
+    m2, m4 = (c**2).mean(0), (c**4).mean(0)
+    return ((m4 - m2**2).clamp(min=0) / samples.shape[0]).sqrt()
 
 
 # --------------------------------------------------------------------------- exact references
