@@ -4,12 +4,20 @@ import math
 import numpy as np
 import pytest
 import scipy.integrate
+import scipy.optimize
 import scipy.special
 import scipy.stats
 import torch
 from torch.distributions import Beta, Kumaraswamy
 
-from companion.distributions import TruncatedLogistic, TruncatedNormal, hard_clip, kl_kumaraswamy_beta, soft_clip
+from companion.distributions import (
+    TruncatedLogistic,
+    TruncatedNormal,
+    fit_kumaraswamy,
+    hard_clip,
+    kl_kumaraswamy_beta,
+    soft_clip,
+)
 from helpers import assert_mc_close
 
 INF = math.inf
@@ -147,6 +155,29 @@ def test_pathwise_gradient_of_the_mean_is_unbiased(family):
     assert_mc_close(torch.stack(grads, 1), exact)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("low,high", [(-1.0, 2.0), (5.0, 6.0), (0.3, INF)])
+def test_derivative_in_u_is_one_over_the_truncated_density(family, low, high):
+    # dz/du = 1 / f_t(z): central differences of icdf in u (h = 1e-6: error ~1e-10)
+    d = family(*_f64(0.2, 1.3, low, high))
+    u, h = torch.tensor([0.05, 0.4, 0.93], dtype=torch.float64), 1e-6
+    dz_du = (d.icdf(u + h) - d.icdf(u - h)) / (2 * h)
+    assert torch.allclose(dz_du, torch.exp(-d.log_prob(d.icdf(u))), rtol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_location_derivative_lies_in_unit_interval_at_every_truncation(family):
+    # log-concave f: f(F^-1(p)) is concave in p, so 0 <= dz/dloc <= 1 however far out
+    lows = torch.tensor([-2.0, 0.0, 4.0, 8.0, 16.0, 30.0, 4.0, 30.0], dtype=torch.float64)
+    highs = torch.cat([lows[:6] + 1.0, torch.full((2,), INF, dtype=torch.float64)])
+    from companion.estimators import gradient_samples
+
+    d_loc, _ = gradient_samples("pathwise", lambda x: x, lambda m, s: family(m, s, lows, highs),
+                                (torch.zeros_like(lows), torch.ones_like(lows)), 5_000,
+                                generator=torch.Generator().manual_seed(4))
+    assert d_loc.min() >= -1e-12 and d_loc.max() <= 1 + 1e-12  # float64 rounding of 1 - chord / f
+
+
 # --------------------------------------------------------------------------- KL(Kumaraswamy || Beta)
 
 
@@ -206,6 +237,49 @@ def test_kl_rejects_non_positive_parameters():
         kl_kumaraswamy_beta(1.0, 0.0, 1.0, 1.0)
 
 
+# --------------------------------------------------------------------------- fit_kumaraswamy
+
+
+@pytest.mark.parametrize("alpha,beta", [(1.0, 3.0), (0.4, 1.0), (1.0, 1.0)])
+def test_fit_kumaraswamy_is_exact_when_a_beta_parameter_is_one(alpha, beta):
+    # Kumaraswamy(1, b) = Beta(1, b) and Kumaraswamy(a, 1) = Beta(a, 1): the fit is exact
+    fit = fit_kumaraswamy(alpha, beta)
+    assert fit.a.item() == pytest.approx(alpha, rel=1e-6) and fit.b.item() == pytest.approx(beta, rel=1e-6)
+    assert abs(fit.kl.item()) < 1e-10
+
+
+def test_fit_kumaraswamy_matches_an_independent_minimisation():
+    # Nelder-Mead on the KL by quadrature (no closed form, no gradient) finds the same optimum;
+    # the KL is flat there, so the parameters agree to ~sqrt(fatol / curvature) ~ 1e-5
+    alpha, beta = 3.0, 9.0
+    fit = fit_kumaraswamy(alpha, beta)
+    res = scipy.optimize.minimize(lambda x: _kl_by_quadrature(math.exp(x[0]), math.exp(x[1]), alpha, beta),
+                                  [0.0, 0.0], method="Nelder-Mead",
+                                  options={"xatol": 1e-8, "fatol": 1e-14, "maxiter": 2000})
+    assert fit.a.item() == pytest.approx(math.exp(res.x[0]), rel=1e-4)
+    assert fit.b.item() == pytest.approx(math.exp(res.x[1]), rel=1e-4)
+    assert fit.kl.item() == pytest.approx(res.fun, rel=1e-6)
+    assert fit.kl.item() > 1e-3  # a Beta(3, 9) is not a Kumaraswamy: the bias is real
+
+
+def test_fit_kumaraswamy_is_a_stationary_point_and_broadcasts():
+    alpha, beta = torch.tensor([3.0, 0.5, 2.0]), torch.tensor([9.0, 0.5, 0.3])
+    fit = fit_kumaraswamy(alpha, beta)
+    assert fit.a.shape == fit.b.shape == fit.kl.shape == (3,)
+    log_a, log_b = fit.a.log().requires_grad_(), fit.b.log().requires_grad_()
+    kl = kl_kumaraswamy_beta(log_a.exp(), log_b.exp(), alpha.double(), beta.double()).sum()
+    grads = torch.autograd.grad(kl, (log_a, log_b))
+    assert all(g.abs().max() < 1e-7 for g in grads)
+    single = fit_kumaraswamy(0.5, 0.5)
+    assert fit.a[1].item() == pytest.approx(single.a.item(), rel=1e-6)
+    assert torch.all(fit.kl > 0)
+
+
+def test_fit_kumaraswamy_rejects_non_positive_parameters():
+    with pytest.raises(ValueError, match="parameter beta"):
+        fit_kumaraswamy(1.0, -2.0)
+
+
 # --------------------------------------------------------------------------- clipping
 
 
@@ -215,6 +289,22 @@ def test_hard_clip_kills_gradient_outside_and_soft_clip_does_not():
     assert g_hard.tolist() == [0.0, 1.0, 0.0]
     (g_soft,) = torch.autograd.grad(soft_clip(z, 0.0, 1.0, tau=0.5).sum(), z)
     assert torch.all(g_soft > 0)
+
+
+def test_clipped_gaussian_learns_with_soft_clip_and_stalls_with_hard_clip():
+    # z = mu + 0.3 eps clipped into [0, 1], loss (y - 0.7)^2, mu starting at 3: every draw is
+    # outside, so the hard clip's gradient is exactly 0; the soft clip's is not, and gradient
+    # descent brings mu into the interval
+    eps = torch.randn(2048, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    for clip, moves in [(lambda z: hard_clip(z, 0.0, 1.0), False), (lambda z: soft_clip(z, 0.0, 1.0, 0.5), True)]:
+        mu = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+        for _ in range(150):
+            (grad,) = torch.autograd.grad(((clip(mu + 0.3 * eps) - 0.7) ** 2).mean(), mu)
+            with torch.no_grad():
+                mu -= grad
+            if not moves:
+                assert grad.item() == 0.0
+        assert (mu.item() < 1.2) if moves else (mu.item() == 3.0)
 
 
 def test_soft_clip_tends_to_hard_clip():
@@ -227,3 +317,14 @@ def test_soft_clip_tends_to_hard_clip():
         soft_clip(z, 1.0, 0.0)
     with pytest.raises(ValueError, match="tau"):
         soft_clip(z, 0.0, 1.0, 0.0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradient_with_respect_to_the_uniform(family):
+    # dz/du = scale (F(beta) - F(alpha)) / f(xi) = 1 / density of the truncated law at z
+    d = family(*_f64(0.2, 1.3, -0.5, 3.0))
+    u = torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64, requires_grad=True)
+    z = d.icdf(u)
+    (dz_du,) = torch.autograd.grad(z.sum(), u)
+    assert torch.allclose(dz_du, torch.exp(-d.log_prob(z.detach())), rtol=1e-10)
+    assert torch.autograd.gradcheck(lambda v: d.icdf(v), (u,))
