@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Callable, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -27,6 +28,9 @@ __all__ = [
     "exponential_annealing",
     "RejectionDraw",
     "smoothed_rejection_sample",
+    "gumbel_softmax_gradient_samples",
+    "GradientLimits",
+    "gumbel_softmax_gradient_limits",
 ]
 
 
@@ -168,3 +172,106 @@ def smoothed_rejection_sample(
     weights = s * survive
     w = weights.reshape(*weights.shape, *([1] * event_dims))
     return RejectionDraw((w * x).sum(len(sample_shape)), weights)
+
+
+# --------------------------------------------------------------------------- gradient diagnostics
+
+
+def gumbel_softmax_gradient_samples(
+    f: Callable[[Tensor], Tensor],
+    logits: Tensor,
+    tau,
+    num_samples: int,
+    *,
+    hard: bool = False,
+    gumbels: Tensor | None = None,
+    generator=None,
+) -> Tensor:
+    """Per-sample pathwise gradients ``grad_logits f(y_s)``, ``y_s`` Gumbel-Softmax samples.
+
+    ``y_s = softmax((logits + G_s) / tau)`` (or its :func:`straight_through` one-hot with
+    ``hard=True``). The logits are copied once per sample, so one backward pass gives all
+    ``num_samples`` gradients, shape ``(S, *logits.shape)``; their mean estimates
+    ``grad E[f(y)]`` of the relaxed objective, a biased estimate of the discrete gradient
+    ``grad E_{k ~ Cat(softmax(logits))}[f(onehot(k))]`` (chapter *Discrete choices*).
+    ``f`` maps ``(S, *logits.shape)`` to ``(S,)``. ``gumbels`` (shape ``(S, *logits.shape)``)
+    fixes the noise, e.g. to share it between temperatures.
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    shape = (num_samples, *logits.shape)
+    copies = logits.detach().expand(shape).clone().requires_grad_(True)
+    y = gumbel_softmax(copies, tau, hard=hard, gumbels=gumbels, generator=generator)
+    fy = f(y)
+    if not isinstance(fy, Tensor) or tuple(fy.shape) != (num_samples,):
+        raise ValueError(f"f must map samples of shape {shape} to shape ({num_samples},), got "
+                         f"{tuple(fy.shape) if isinstance(fy, Tensor) else type(fy).__name__}")
+    (grad,) = torch.autograd.grad(fy.sum(), copies)
+    return grad
+
+
+class GradientLimits(NamedTuple):
+    """Small-temperature limits of the Gumbel-Softmax pathwise gradient ``g_tau``, both ``(K, ...)``.
+
+    mean:                 ``lim_{tau -> 0} E[g_tau]``, shape ``(K,)``.
+    scaled_second_moment: ``lim_{tau -> 0} tau E[g_tau g_tau^T]``, shape ``(K, K)``; also the
+                          limit of ``tau Cov[g_tau]``, since the mean stays bounded.
+    """
+
+    mean: Tensor
+    scaled_second_moment: Tensor
+
+
+def gumbel_softmax_gradient_limits(
+    f: Callable[[Tensor], Tensor], logits: Tensor, *, hard: bool = False, num_nodes: int = 64
+) -> GradientLimits:
+    """The ``tau -> 0`` limits of the mean and of ``tau`` times the second moment of the
+    Gumbel-Softmax gradient of ``f``, for one categorical with ``K`` classes.
+
+    With ``x_k = logits_k + G_k``, a sample is within ``O(tau)`` of a vertex unless the two largest
+    ``x_i, x_j`` are within ``O(tau)`` of each other. The top two are ``(i, j)`` with
+    ``x_i - x_j`` in ``tau du`` with probability ``p_i p_j tau du + o(tau)`` (``p = softmax``;
+    integrate the Gumbel densities), and there ``y = s e_i + (1 - s) e_j`` with
+    ``s = sigmoid(u)``. The gradient is then ``(1/tau) s (1 - s) h_ij(s) (e_i - e_j)``, with
+    ``h_ij(s) = d/ds f(s e_i + (1 - s) e_j)``, and substituting ``ds = s (1 - s) du``:
+
+        E[g]             -> sum_{i<j} p_i p_j (e_i - e_j) int_0^1 h_ij(s) ds
+                          = sum_{i<j} p_i p_j (f(e_i) - f(e_j)) (e_i - e_j),  the exact gradient;
+        tau E[g g^T]     -> sum_{i<j} p_i p_j (e_i - e_j)(e_i - e_j)^T int_0^1 s (1 - s) h_ij(s)^2 ds.
+
+    So the relaxed gradient is asymptotically unbiased and its variance grows like ``C / tau``.
+    With ``hard=True`` (straight-through) ``h_ij`` is evaluated at the sample's vertex, ``h_ij(1)``
+    for ``s > 1/2`` and ``h_ij(0)`` below: the mean tends to the trapezoid rule
+    ``(h_ij(0) + h_ij(1)) / 2`` instead of ``f(e_i) - f(e_j)`` (a bias unless ``f`` is at most
+    quadratic along the edges), and the integral becomes ``(h_ij(0)^2 + h_ij(1)^2) / 12``.
+    Integrals by Gauss-Legendre with ``num_nodes`` nodes; ``f`` maps ``(n, K)`` to ``(n,)`` and
+    must be differentiable on the simplex's edges. Chapter *Discrete choices*.
+    """
+    if logits.dim() != 1 or logits.shape[0] < 2:
+        raise ValueError(f"logits must have shape (K,) with K >= 2, got {tuple(logits.shape)}")
+    if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 2:
+        raise ValueError(f"num_nodes must be an int >= 2, got {num_nodes!r}")
+    k, dtype, device = logits.shape[0], logits.dtype, logits.device
+    p = F.softmax(logits.detach(), -1)
+    nodes, weights = (torch.as_tensor(a, dtype=dtype, device=device)
+                      for a in np.polynomial.legendre.leggauss(num_nodes))
+    s = (nodes + 1) / 2  # nodes on (0, 1)
+    w = weights / 2
+    if hard:
+        s = torch.tensor([0.0, 1.0], dtype=dtype, device=device)  # the two vertices e_j, e_i
+    eye = torch.eye(k, dtype=dtype, device=device)
+    mean = torch.zeros(k, dtype=dtype, device=device)
+    second = torch.zeros(k, k, dtype=dtype, device=device)
+    for i in range(k):
+        for j in range(i + 1, k):
+            d = eye[i] - eye[j]
+            y = (s[:, None] * eye[i] + (1 - s[:, None]) * eye[j]).requires_grad_(True)  # (n, K)
+            (grad_f,) = torch.autograd.grad(f(y).sum(), y)
+            h = grad_f @ d  # h_ij at the nodes
+            if hard:
+                first, square = h.sum() / 2, (h**2).sum() / 12
+            else:
+                first, square = (w * h).sum(), (w * s * (1 - s) * h**2).sum()
+            mean = mean + p[i] * p[j] * first * d
+            second = second + p[i] * p[j] * square * torch.outer(d, d)
+    return GradientLimits(mean, second)

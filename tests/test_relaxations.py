@@ -11,6 +11,8 @@ from companion.relaxations import (
     exponential_annealing,
     gumbel_max,
     gumbel_softmax,
+    gumbel_softmax_gradient_limits,
+    gumbel_softmax_gradient_samples,
     log_gumbel_softmax,
     relaxed_log_prob,
     sample_gumbel,
@@ -157,3 +159,110 @@ def test_rejection_sampler_arguments():
         smoothed_rejection_sample(_target(0.0), PROPOSAL, LOG_M, 0, 0.1)
     with pytest.raises(ValueError, match="tau"):
         smoothed_rejection_sample(_target(0.0), PROPOSAL, LOG_M, 8, -0.1)
+
+
+# --------------------------------------------------------------------------- gradient diagnostics
+
+K3_LOGITS = torch.tensor([0.4, -0.2, 0.1], dtype=torch.float64)
+TARGET = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+
+
+def _cubic(y):
+    return ((y - TARGET) ** 2).sum(-1) ** 1.5
+
+
+def _quadratic(y):
+    return ((y - TARGET) ** 2).sum(-1)
+
+
+def _exact_gradient(f, logits):
+    from torch.distributions import OneHotCategorical
+
+    from companion.estimators import enumerate_expectation
+
+    theta = logits.clone().requires_grad_()
+    return torch.autograd.grad(enumerate_expectation(f, OneHotCategorical(logits=theta)), theta)[0]
+
+
+def test_gradient_samples_interface():
+    g = torch.Generator().manual_seed(10)
+    grads = gumbel_softmax_gradient_samples(_cubic, K3_LOGITS, 0.5, 7, generator=g)
+    assert grads.shape == (7, 3) and not grads.requires_grad
+    again = gumbel_softmax_gradient_samples(_cubic, K3_LOGITS, 0.5, 7, generator=torch.Generator().manual_seed(10))
+    assert torch.equal(grads, again)
+    assert torch.allclose(grads.sum(-1), torch.zeros(7, dtype=torch.float64), atol=1e-12)  # softmax: shift-invariant
+    with pytest.raises(ValueError, match="num_samples"):
+        gumbel_softmax_gradient_samples(_cubic, K3_LOGITS, 0.5, 0)
+    with pytest.raises(ValueError, match="f must map"):
+        gumbel_softmax_gradient_samples(lambda y: y.sum(), K3_LOGITS, 0.5, 4)
+    with pytest.raises(ValueError, match="tau"):
+        gumbel_softmax_gradient_samples(_cubic, K3_LOGITS, -1.0, 4)
+
+
+def test_gradient_samples_match_one_autograd_pass_through_gumbel_softmax():
+    # the per-sample gradients are those of f(gumbel_softmax(logits, tau, gumbels=G_s)) one at a time
+    gumbels = sample_gumbel((5, 3), generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    for hard in (False, True):
+        grads = gumbel_softmax_gradient_samples(_cubic, K3_LOGITS, 0.3, 5, hard=hard, gumbels=gumbels)
+        for s in range(5):
+            theta = K3_LOGITS.clone().requires_grad_()
+            y = gumbel_softmax(theta, 0.3, hard=hard, gumbels=gumbels[s])
+            (ref,) = torch.autograd.grad(_cubic(y[None]).sum(), theta)
+            assert torch.allclose(grads[s], ref, rtol=1e-12, atol=1e-15)
+
+
+def test_gradient_samples_agree_with_torch_relaxed_categorical_pathwise():
+    # agreement: our mean vs companion.estimators' pathwise gradient through torch's
+    # RelaxedOneHotCategorical (different noise), within Z standard errors of the difference
+    from companion.estimators import gradient_samples
+
+    n, tau = 100_000, 0.5
+    ours = gumbel_softmax_gradient_samples(_cubic, K3_LOGITS, tau, n, generator=torch.Generator().manual_seed(12))
+    t = torch.tensor(tau, dtype=torch.float64)
+    theirs = gradient_samples("pathwise", _cubic, lambda l: RelaxedOneHotCategorical(t, logits=l), (K3_LOGITS,), n,
+                              generator=torch.Generator().manual_seed(13))[0]
+    se = ((ours.var(0) + theirs.var(0)) / n).sqrt()
+    assert torch.all((ours.mean(0) - theirs.mean(0)).abs() <= 5 * se)
+
+
+def test_limits_mean_is_the_exact_gradient_and_straight_through_the_trapezoid_rule():
+    exact = _exact_gradient(_cubic, K3_LOGITS)
+    soft = gumbel_softmax_gradient_limits(_cubic, K3_LOGITS)
+    assert torch.allclose(soft.mean, exact, rtol=1e-10, atol=1e-14)  # Gauss-Legendre, smooth integrand
+    hard = gumbel_softmax_gradient_limits(_cubic, K3_LOGITS, hard=True)
+    assert (hard.mean - exact).abs().max() > 1e-2  # cubic f: the trapezoid rule is off
+    hard_q = gumbel_softmax_gradient_limits(_quadratic, K3_LOGITS, hard=True)
+    assert torch.allclose(hard_q.mean, _exact_gradient(_quadratic, K3_LOGITS), rtol=1e-12)  # exact for quadratics
+    for lim in (soft, hard, hard_q):
+        m = lim.scaled_second_moment
+        assert torch.allclose(m, m.T) and torch.linalg.eigvalsh(m).min() > -1e-12
+        assert torch.allclose(m.sum(-1), torch.zeros(3, dtype=torch.float64), atol=1e-12)
+
+
+def test_linear_f_gives_the_closed_form_constant():
+    # f(y) = c . y: h_ij = c_i - c_j is constant and int_0^1 s (1 - s) ds = 1/6
+    c = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    lim = gumbel_softmax_gradient_limits(lambda y: y @ c, K3_LOGITS)
+    p = F.softmax(K3_LOGITS, -1)
+    ref = sum(p[i] * p[j] * (c[i] - c[j]) ** 2 / 6 * 2 for i in range(3) for j in range(i + 1, 3))
+    assert lim.scaled_second_moment.trace().item() == pytest.approx(ref.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_small_tau_variance_matches_the_limit(hard):
+    # tau Var[g_tau] -> the limit; at tau = 0.002 the O(tau) correction is far below the Monte Carlo
+    # error, whose standard error comes from the 4th moment of the per-sample squared norm
+    n, tau = 200_000, 0.002
+    grads = gumbel_softmax_gradient_samples(_quadratic, K3_LOGITS, tau, n, hard=hard,
+                                            generator=torch.Generator().manual_seed(14))
+    centred = grads - grads.mean(0)
+    sq = tau * (centred**2).sum(-1)  # per-sample contribution to tau trace Cov
+    limit = gumbel_softmax_gradient_limits(_quadratic, K3_LOGITS, hard=hard).scaled_second_moment.trace()
+    assert abs(sq.mean().item() - limit.item()) <= 5 * sq.std().item() / math.sqrt(n)
+
+
+def test_limits_arguments():
+    with pytest.raises(ValueError, match="logits"):
+        gumbel_softmax_gradient_limits(_cubic, K3_LOGITS[None])
+    with pytest.raises(ValueError, match="num_nodes"):
+        gumbel_softmax_gradient_limits(_cubic, K3_LOGITS, num_nodes=1)
