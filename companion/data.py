@@ -3,6 +3,7 @@
 * :func:`digits`: scikit-learn's 8x8 handwritten digits (1,797 images; Alpaydin and Kaynak 1998),
   as grey levels in [0, 1] or binarized;
 * :func:`two_moons`, :func:`swiss_roll`: seeded 2-D point clouds from scikit-learn's generators;
+* :func:`gapped_sine`: a seeded 1-D regression set, ``sin`` plus noise on separated intervals;
 * :func:`split`: a seeded train/test split;
 * :func:`load_mnist`: MNIST (LeCun et al. 1998) from the standard IDX files in a folder the user
   names, for the ``full`` profile on a GPU. It never downloads.
@@ -18,7 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["digits", "two_moons", "swiss_roll", "split", "read_idx", "load_mnist", "MNIST_FILES"]
+__all__ = ["digits", "two_moons", "swiss_roll", "gapped_sine", "split", "read_idx", "load_mnist",
+           "MNIST_FILES"]
 
 
 def _random_state(generator: torch.Generator | None) -> int:
@@ -138,3 +140,30 @@ def load_mnist(folder: str | os.PathLike, *, split: str = "train", binarized: bo
     if binarized:
         x = (x > 0.5).to(dtype)
     return x, torch.as_tensor(labels.astype(np.int64))
+
+
+# --------------------------------------------------------------------------- 1-D regression
+
+
+def gapped_sine(n: int, *, intervals: tuple[tuple[float, float], ...] = ((-4.0, -1.5), (1.5, 4.0)),
+                noise: float = 0.1, generator: torch.Generator | None = None,
+                dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """``n`` points ``y = sin(x) + noise * eps`` with ``x`` uniform on disjoint ``intervals``.
+
+    Each point picks an interval with probability proportional to its length, then a uniform
+    position in it; the gaps between intervals hold no data (chapter *Bayesian dropout*).
+    Returns ``x`` and ``y``, both ``(n, 1)``, sorted by ``x``.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    if not intervals or any(len(iv) != 2 or not iv[0] < iv[1] for iv in intervals):
+        raise ValueError(f"intervals must be non-empty (low, high) pairs with low < high, got {intervals}")
+    if not noise >= 0:
+        raise ValueError(f"noise must be >= 0, got {noise}")
+    bounds = torch.tensor(intervals, dtype=torch.float64)  # (I, 2)
+    lengths = bounds[:, 1] - bounds[:, 0]
+    which = torch.multinomial(lengths / lengths.sum(), n, replacement=True, generator=generator)
+    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    x = (bounds[which, 0] + u * lengths[which]).sort().values
+    y = torch.sin(x) + noise * torch.randn(n, generator=generator, dtype=torch.float64)
+    return x.to(dtype).unsqueeze(1), y.to(dtype).unsqueeze(1)

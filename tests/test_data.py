@@ -1,5 +1,6 @@
 """companion.data: shipped data, generators, the split, and the MNIST IDX reader."""
 import gzip
+import math
 import struct
 
 import numpy as np
@@ -79,3 +80,27 @@ def test_load_mnist_errors_name_what_is_missing(tmp_path):
     (tmp_path / "short").write_bytes(raw[:-1])
     with pytest.raises(ValueError, match="header says"):
         data.read_idx(tmp_path / "short")
+
+
+def test_gapped_sine_is_seeded_and_leaves_the_gaps_empty():
+    intervals = ((-4.0, -1.5), (1.5, 4.0))
+    x, y = data.gapped_sine(500, intervals=intervals, generator=torch.Generator().manual_seed(0))
+    x2, y2 = data.gapped_sine(500, intervals=intervals, generator=torch.Generator().manual_seed(0))
+    x3, _ = data.gapped_sine(500, intervals=intervals, generator=torch.Generator().manual_seed(1))
+    assert x.shape == y.shape == (500, 1) and torch.equal(x, x2) and torch.equal(y, y2)
+    assert not torch.equal(x, x3)
+    assert torch.all((x[:, 0].abs() >= 1.5) & (x[:, 0].abs() <= 4.0)) and torch.all(x[1:] >= x[:-1])
+    # equal lengths: each interval gets Binomial(500, 1/2) points; 5 standard deviations
+    assert abs((x < 0).sum().item() - 250) <= 5 * math.sqrt(500 / 4)
+    # the noise: residuals y - sin x have standard deviation 0.1 (default) within 5 standard
+    # errors of a sample standard deviation, 0.1 / sqrt(2 n)
+    residual = (y - torch.sin(x)).double()
+    assert abs(residual.std().item() - 0.1) <= 5 * 0.1 / math.sqrt(2 * 500)
+    x0, y0 = data.gapped_sine(20, noise=0.0, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(y0, torch.sin(x0))
+    with pytest.raises(ValueError, match="n must"):
+        data.gapped_sine(0)
+    with pytest.raises(ValueError, match="intervals"):
+        data.gapped_sine(10, intervals=((1.0, 0.0),))
+    with pytest.raises(ValueError, match="noise"):
+        data.gapped_sine(10, noise=-1.0)

@@ -1,0 +1,335 @@
+"""A variational autoencoder with a Gaussian encoder, trained by pathwise or score-function gradients.
+
+Chapter *Variational autoencoders*; Kingma and Welling (2014), Rezende, Mohamed and Wierstra
+(2014). The generative model and the amortized posterior are
+
+    p(z) = N(0, I),     p_theta(x | z) = Bernoulli(logits = dec(z))   or   N(dec(z), s^2 I),
+    q_phi(z | x) = N(mu_phi(x), diag sigma_phi(x)^2),    z = mu + sigma * eps,  eps ~ N(0, I),
+
+and both networks are trained by maximizing the evidence lower bound of each data point,
+
+    ELBO(x) = E_q[log p(x | z)] - KL(q(z | x) || p(z))
+            = E_q[log p(x | z) + log p(z) - log q(z | x)]  =  log p(x) - KL(q(z | x) || p(z | x)).
+
+The KL term has a closed form for Gaussians (:func:`elbo_analytic_kl`); it can also be
+estimated at the sample, ``log q(z | x) - log p(z)`` (:func:`elbo_monte_carlo_kl`). The gradient
+of the reconstruction term ``E_q[log p(x | z)]`` with respect to the encoder is estimated either
+through the sample (pathwise) or by the score function with a leave-one-out baseline
+(:func:`elbo_estimate`); the decoder's gradient is the ordinary one in both cases.
+
+Shapes: ``x`` is ``(B, x_dim)``; ``z`` and ``eps`` are ``(S, B, z_dim)``, ``S`` samples per data
+point; per-datapoint ELBOs are ``(B,)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Bernoulli, Distribution, Independent, Normal, kl_divergence
+
+from ..estimators import Estimate, pathwise, score_function
+from ..runtime import rng
+from .layers import mlp
+
+__all__ = [
+    "LIKELIHOODS",
+    "VAEConfig",
+    "VAE",
+    "ESTIMATORS",
+    "reparameterize",
+    "elbo_analytic_kl",
+    "elbo_monte_carlo_kl",
+    "elbo_estimate",
+    "loss",
+    "evaluate_elbo",
+    "reconstruct",
+    "encoder_gradient_draws",
+]
+
+LIKELIHOODS = ("bernoulli", "gaussian")
+ESTIMATORS = ("pathwise", "score_function")
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Sizes of the VAE; the defaults fit scikit-learn's 8x8 digits on a CPU in seconds."""
+
+    x_dim: int = 64  # 8 x 8 pixels, flattened (784 for MNIST)
+    z_dim: int = 8  # enough for digits' ten classes and their styles; 2 for a picture of the latent space
+    hidden: tuple[int, ...] = (128,)  # one hidden layer: a few milliseconds per step on a CPU
+    likelihood: str = "bernoulli"  # binarized pixels; "gaussian" for real-valued data
+    init_log_scale: float = 0.0  # Gaussian decoder: log s at the start (s is learned)
+
+    def __post_init__(self) -> None:
+        for name in ("x_dim", "z_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.hidden, tuple) or any(
+            isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in self.hidden
+        ):
+            raise ValueError(f"hidden must be a tuple of positive ints, got {self.hidden!r}")
+        if self.likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
+
+
+class VAE(nn.Module):
+    """Encoder ``x -> (mu, log sigma)`` and decoder ``z -> logits`` (or means), both :func:`mlp`.
+
+    ``encode(x)`` returns ``q(z | x)`` and ``decode(z)`` returns ``p(x | z)`` as
+    ``torch.distributions`` with the latent or pixel dimension as event dimension, so that
+    ``log_prob`` sums over it: ``encode(x).log_prob(z)`` is ``(S, B)`` for ``z`` of shape
+    ``(S, B, z_dim)``.
+    """
+
+    def __init__(self, config: VAEConfig = VAEConfig()) -> None:
+        super().__init__()
+        if not isinstance(config, VAEConfig):
+            raise ValueError(f"config must be a VAEConfig, got {type(config).__name__}")
+        self.config = config
+        self.encoder = mlp([config.x_dim, *config.hidden, 2 * config.z_dim])
+        self.decoder = mlp([config.z_dim, *reversed(config.hidden), config.x_dim])
+        if config.likelihood == "gaussian":
+            self.log_scale = nn.Parameter(torch.tensor(float(config.init_log_scale)))
+
+    def encode(self, x: Tensor) -> Independent:
+        """``q(z | x) = N(mu(x), diag sigma(x)^2)``: batch shape ``(B,)``, event shape ``(z_dim,)``."""
+        _check_x(self, x)
+        mu, log_sigma = self.encoder(x).chunk(2, dim=-1)  # (B, z_dim) each
+        return Independent(Normal(mu, log_sigma.exp()), 1)
+
+    def decode(self, z: Tensor) -> Independent:
+        """``p(x | z)``: Bernoulli with logits ``dec(z)`` or Normal with mean ``dec(z)``, event ``(x_dim,)``."""
+        if not isinstance(z, Tensor) or z.shape[-1:] != (self.config.z_dim,):
+            raise ValueError(f"z must have last dimension z_dim={self.config.z_dim}, got {_shape(z)}")
+        out = self.decoder(z)  # (..., x_dim)
+        if self.config.likelihood == "bernoulli":
+            return Independent(Bernoulli(logits=out), 1)
+        return Independent(Normal(out, self.log_scale.exp()), 1)
+
+    def prior(self) -> Independent:
+        """``p(z) = N(0, I)`` on the model's device and dtype: event shape ``(z_dim,)``."""
+        ref = next(self.parameters())
+        zeros = torch.zeros(self.config.z_dim, dtype=ref.dtype, device=ref.device)
+        return Independent(Normal(zeros, torch.ones_like(zeros)), 1)
+
+
+def _shape(x) -> object:
+    return tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+
+
+def _check_x(model: VAE, x: Tensor) -> None:
+    if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != model.config.x_dim:
+        raise ValueError(f"x must have shape (batch, x_dim={model.config.x_dim}), got {_shape(x)}")
+
+
+def _check_model(model: VAE) -> VAE:
+    if not isinstance(model, VAE):
+        raise ValueError(f"model must be a VAE, got {type(model).__name__}")
+    return model
+
+
+def _check_num_samples(num_samples: int) -> int:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+    return num_samples
+
+
+# --------------------------------------------------------------------------- the ELBO
+
+
+def reparameterize(
+    mu: Tensor,
+    sigma: Tensor,
+    num_samples: int = 1,
+    *,
+    eps: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """``z_s = mu + sigma * eps_s`` with ``eps_s ~ N(0, I)``: shape ``(S, *mu.shape)``.
+
+    ``eps`` of shape ``(S, *mu.shape)`` fixes the noise; otherwise it is drawn from
+    ``generator`` (through :func:`companion.runtime.rng`, the stream ``Normal.rsample`` uses),
+    or from torch's global generator. Gradients flow to ``mu`` and ``sigma`` (Kingma and
+    Welling 2014, sec. 2.4). ``sigma`` is not checked for positivity here (that would cost a
+    device synchronization per step); the encoder makes it ``exp(log sigma)``.
+    """
+    _check_num_samples(num_samples)
+    shape = (num_samples, *torch.broadcast_shapes(mu.shape, sigma.shape))
+    if eps is None:
+        with rng(generator):
+            eps = torch.randn(shape, dtype=mu.dtype, device=mu.device)
+    elif tuple(eps.shape) != shape:
+        raise ValueError(f"eps must have shape {shape} (num_samples, *mu.shape), got {tuple(eps.shape)}")
+    return mu + sigma * eps  # (S, B, z_dim)
+
+
+def _sample_terms(model, x, num_samples, eps, generator):
+    """q(z | x), z (S, B, z_dim) and log p(x | z) (S, B), z reparameterized."""
+    _check_model(model)
+    q = model.encode(x)  # batch (B,), event (z_dim,)
+    z = reparameterize(q.base_dist.loc, q.base_dist.scale, num_samples, eps=eps, generator=generator)
+    return q, z, model.decode(z).log_prob(x)  # (S, B)
+
+
+def elbo_analytic_kl(
+    model: VAE,
+    x: Tensor,
+    *,
+    num_samples: int = 1,
+    eps: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Per-datapoint ELBO with the KL term in closed form: shape ``(B,)``, differentiable.
+
+    ``ELBO(x) ~= (1/S) sum_s log p(x | z_s) - KL(q(z | x) || p(z))``, ``z_s = mu + sigma eps_s``,
+    where ``KL = 1/2 sum_j (mu_j^2 + sigma_j^2 - 1 - log sigma_j^2)`` (Kingma and Welling 2014,
+    appendix B), here from ``torch.distributions.kl_divergence``.
+    """
+    q, _, log_likelihood = _sample_terms(model, x, num_samples, eps, generator)
+    return log_likelihood.mean(0) - kl_divergence(q, model.prior())  # (B,)
+
+
+def elbo_monte_carlo_kl(
+    model: VAE,
+    x: Tensor,
+    *,
+    num_samples: int = 1,
+    eps: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Per-datapoint ELBO with the KL term estimated at the samples: shape ``(B,)``, differentiable.
+
+    ``ELBO(x) ~= (1/S) sum_s [log p(x | z_s) + log p(z_s) - log q(z_s | x)]`` (Kingma and Welling
+    2014, eq. 6): the same expectation as :func:`elbo_analytic_kl`, with more variance.
+    """
+    q, z, log_likelihood = _sample_terms(model, x, num_samples, eps, generator)
+    return (log_likelihood + model.prior().log_prob(z) - q.log_prob(z)).mean(0)  # (B,)
+
+
+def elbo_estimate(
+    model: VAE,
+    x: Tensor,
+    *,
+    estimator: str = "pathwise",
+    num_samples: int = 1,
+    baseline: object = "mean",
+    generator: torch.Generator | None = None,
+) -> Estimate:
+    """The ELBO of each data point and a surrogate whose gradient is the chosen estimator.
+
+    ``ELBO(x) = E_q[log p(x | z)] - KL(q || p)``. The KL term is exact (closed form). The
+    gradient of the reconstruction term reaches the encoder either
+
+    * ``"pathwise"``: through ``z = mu + sigma eps`` (:func:`companion.estimators.pathwise`), or
+    * ``"score_function"``: as ``E[(log p(x | z) - b) grad_phi log q(z | x)]`` with ``z`` drawn
+      without a graph (:func:`companion.estimators.score_function`); ``baseline="mean"`` is the
+      leave-one-out mean over the ``S`` samples of each data point (Kool et al. 2019), which
+      needs ``num_samples >= 2``.
+
+    The decoder's gradient ``E_q[grad_theta log p(x | z)]`` is the same for both. ``value``:
+    ``(B,)``, detached; ``surrogate``: a scalar, the sum over the batch.
+    """
+    _check_model(model)
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    q = model.encode(x)  # batch (B,), event (z_dim,)
+
+    def log_likelihood(z: Tensor) -> Tensor:  # (S, B, z_dim) -> (S, B)
+        return model.decode(z).log_prob(x)
+
+    if estimator == "pathwise":
+        est = pathwise(log_likelihood, q, num_samples, generator=generator)
+    else:
+        est = score_function(log_likelihood, q, num_samples, baseline=baseline, generator=generator)
+    kl = kl_divergence(q, model.prior())  # (B,)
+    return Estimate(est.value - kl.detach(), est.surrogate - kl.sum())
+
+
+def loss(
+    model: VAE,
+    x: Tensor,
+    *,
+    estimator: str = "pathwise",
+    num_samples: int = 1,
+    baseline: object = "mean",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """``-(1/B) sum_b ELBO(x_b)`` as a surrogate for :func:`companion.train.train`.
+
+    Use ``functools.partial(loss, estimator="score_function", num_samples=4)`` as ``loss_fn``.
+    """
+    est = elbo_estimate(model, x, estimator=estimator, num_samples=num_samples, baseline=baseline,
+                        generator=generator)
+    return -est.surrogate / x.shape[0]
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate_elbo(
+    model: VAE,
+    x: Tensor,
+    *,
+    num_samples: int = 16,
+    batch_size: int = 1024,
+    generator: torch.Generator | None = None,
+) -> float:
+    """The mean per-datapoint ELBO of ``x`` (nats), with the analytic KL and ``S`` samples each.
+
+    Computed in chunks of ``batch_size`` rows on the model's device, with the model in eval
+    mode. Pass the same ``generator`` seed to compare models with the same noise (common random
+    numbers), as chapter *Variational autoencoders* and ``benchmarks/vae_step.py`` do.
+    """
+    _check_model(model)
+    _check_x(model, x)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    ref = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for chunk in x.split(batch_size):
+        chunk = chunk.to(ref.device, ref.dtype)
+        total += elbo_analytic_kl(model, chunk, num_samples=num_samples, generator=generator).sum().item()
+    model.train(was_training)
+    return total / x.shape[0]
+
+
+@torch.no_grad()
+def reconstruct(model: VAE, x: Tensor) -> Tensor:
+    """The decoder's mean at the encoder's mean, ``E[x | z = mu(x)]``: shape ``(B, x_dim)``.
+
+    For a Bernoulli decoder these are pixel probabilities ``sigmoid(dec(mu(x)))``.
+    """
+    _check_model(model)
+    return model.decode(model.encode(x).base_dist.loc).mean
+
+
+# --------------------------------------------------------------------------- gradient noise
+
+
+def encoder_gradient_draws(
+    objective: Callable[[], Tensor],
+    model: VAE,
+    repeats: int,
+) -> Tensor:
+    """``repeats`` independent draws of the gradient of ``objective()`` w.r.t. the encoder: ``(R, P)``.
+
+    ``objective`` is called afresh for each draw (so it draws new noise) and returns a scalar,
+    e.g. ``lambda: elbo_analytic_kl(model, x).mean()``; each row is the flattened gradient over
+    the encoder's ``P`` parameters. Their covariance is the estimator's; chapter *Variational
+    autoencoders* compares its trace across estimators.
+    """
+    _check_model(model)
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 2:
+        raise ValueError(f"repeats must be an int >= 2, got {repeats!r}")
+    params = list(model.encoder.parameters())
+    draws = []
+    for _ in range(repeats):
+        grads = torch.autograd.grad(objective(), params)
+        draws.append(torch.cat([g.reshape(-1) for g in grads]))
+    return torch.stack(draws)  # (R, P)
