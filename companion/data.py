@@ -25,7 +25,8 @@ __all__ = ["digits", "two_moons", "swiss_roll", "gapped_sine", "split", "read_id
 
 def _random_state(generator: torch.Generator | None) -> int:
     """An int seed for scikit-learn, drawn from ``generator`` (or torch's global generator)."""
-    return int(torch.randint(0, 2**31 - 1, (), generator=generator))
+    device = generator.device if generator is not None else None
+    return int(torch.randint(0, 2**31 - 1, (), generator=generator, device=device))
 
 
 def digits(*, binarized: bool = False, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
@@ -78,7 +79,8 @@ def split(*tensors: Tensor, test_fraction: float = 0.2,
         raise ValueError("tensors must share their first dimension")
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    perm = torch.randperm(n, generator=generator)
+    device = generator.device if generator is not None else None  # a CUDA generator works too
+    perm = torch.randperm(n, generator=generator, device=device).to(tensors[0].device)
     n_test = max(1, int(round(test_fraction * n)))
     test, train = perm[:n_test], perm[n_test:]
     return tuple(t[train] for t in tensors), tuple(t[test] for t in tensors)

@@ -12,6 +12,7 @@ Checkpoints contain only tensors and plain Python values, so they load with
 """
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # tqdm.auto warns in notebooks without ipywidgets
 
 from . import runtime
 
@@ -138,12 +139,17 @@ def train(
 ) -> History:
     """Minimize ``loss_fn(model, batch)`` for ``steps`` optimizer steps and return the :class:`History`.
 
+    If ``loss_fn`` has a parameter named ``step``, it is called as ``loss_fn(model, batch, step=t)``
+    with the 0-based step, so that schedules (temperatures, KL weights) survive a resume.
+    The model's initial weights come from whatever generator built it: seed before building it.
+
     data:        ``None`` (``loss_fn`` gets ``batch=None``), a tensor, or tensors sharing their first
                  dimension; each step's batch is ``batch_size`` rows of each (all rows if ``None``),
                  moved to the device. A single tensor is passed as a tensor, several as a tuple.
     optimizer:   built for ``model``'s parameters; Adam with ``lr`` if ``None``.
-    callback:    ``callback(step, model) -> dict`` after steps ``callback_every, 2 callback_every, ...``
-                 and the last; its dicts (with ``"step"`` added) go to ``history.evals``.
+    callback:    ``callback(step, model) -> dict | None`` after steps ``callback_every, 2 callback_every,
+                 ...`` and the last, under ``torch.no_grad``; its dicts (with ``"step"`` added) go to
+                 ``history.evals``.
     checkpoint_path, checkpoint_every: save every ``checkpoint_every`` steps and at the end.
     resume:      continue from ``checkpoint_path`` (which must exist) instead of starting afresh.
     progress:    a tqdm bar; ``None`` shows it only when stderr is a terminal.
@@ -156,6 +162,7 @@ def train(
         raise ValueError("resume=True needs a checkpoint_path")
     if callback_every < 1:
         raise ValueError(f"callback_every must be >= 1, got {callback_every}")
+    takes_step = "step" in inspect.signature(loss_fn).parameters
     tensors = _as_tensors(data)
     n = None if tensors is None else tensors[0].shape[0]
     if batch_size is not None and n is None:
@@ -184,7 +191,7 @@ def train(
             rows = minibatch_indices(step, n, batch_size, seed) if batch_size is not None else slice(None)
             parts = tuple(t[rows].to(dev, non_blocking=True) for t in tensors)
             batch = parts[0] if len(parts) == 1 else parts
-        loss = loss_fn(model, batch)
+        loss = loss_fn(model, batch, step=step) if takes_step else loss_fn(model, batch)
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise ValueError("loss_fn must return a scalar tensor")
         optimizer.zero_grad(set_to_none=True)
@@ -197,7 +204,9 @@ def train(
         if callback is not None and (done % callback_every == 0 or done == steps):
             model.eval()
             with torch.no_grad():
-                history.evals.append({"step": done, **_plain(callback(done, model))})
+                metrics = callback(done, model)
+            if metrics is not None:  # a callback may act (e.g. average weights) and record nothing
+                history.evals.append({"step": done, **_plain(metrics)})
             model.train()
         if path is not None and checkpoint_every is not None and (done % checkpoint_every == 0 or done == steps):
             _save(path, model, optimizer, done, history)

@@ -104,3 +104,12 @@ def test_gapped_sine_is_seeded_and_leaves_the_gaps_empty():
         data.gapped_sine(10, intervals=((1.0, 0.0),))
     with pytest.raises(ValueError, match="noise"):
         data.gapped_sine(10, noise=-1.0)
+
+
+def test_generators_on_the_compute_device_are_accepted():
+    from companion.runtime import device
+
+    g = torch.Generator(device=device()).manual_seed(0)
+    assert data.two_moons(10, generator=g).shape == (10, 2)
+    (a,), (b,) = data.split(torch.arange(10), generator=torch.Generator(device=device()).manual_seed(0))
+    assert sorted(torch.cat([a, b]).tolist()) == list(range(10))

@@ -98,3 +98,22 @@ def test_bad_arguments():
         train(_model(), lambda m, b: m(b[0]), _problem(), steps=1, device="cpu")
     with pytest.raises(ValueError, match="first dimension"):
         train(_model(), _noisy_mse, (torch.zeros(3, 3), torch.zeros(4)), steps=1, device="cpu")
+
+
+def test_step_is_passed_to_a_loss_that_asks_for_it_and_survives_resume(tmp_path):
+    seen = []
+
+    def loss(model, batch, step):
+        seen.append(step)
+        return (model.weight**2).sum()
+
+    path = tmp_path / "c.pt"
+    train(nn.Linear(2, 1), loss, None, steps=4, device="cpu", checkpoint_path=path, checkpoint_every=2)
+    train(nn.Linear(2, 1), loss, None, steps=7, device="cpu", checkpoint_path=path, checkpoint_every=2, resume=True)
+    assert seen == [0, 1, 2, 3, 4, 5, 6]
+
+
+def test_a_callback_may_record_nothing():
+    hist = train(nn.Linear(2, 1), lambda m, b: (m.weight**2).sum(), None, steps=6, device="cpu",
+                 callback=lambda t, m: None if t % 2 else {"t": t}, callback_every=1)
+    assert [e["step"] for e in hist.evals] == [2, 4, 6]

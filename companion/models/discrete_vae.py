@@ -347,21 +347,18 @@ class DiscreteVAE(nn.Module):
 def make_loss(
     estimator: str, *, num_samples: int, tau: float | Callable[[int], float] = 1.0
 ) -> Callable[[DiscreteVAE, Tensor], Tensor]:
-    """A ``loss_fn(model, x)`` for :func:`companion.train.train`: minus the ELBO surrogate per data point.
+    """A ``loss_fn(model, x, step)`` for :func:`companion.train.train`: minus the ELBO surrogate per data point.
 
     ``tau`` is a number or a schedule ``tau(step)`` (e.g. ``lambda t: exponential_annealing(t, r)``);
-    the step is counted by the calls of ``loss_fn`` (one per optimizer step), so a resumed run
-    needs a fresh ``loss_fn`` whose schedule is shifted by the resumed step.
+    ``train`` passes the optimizer step, so a resumed run continues the schedule where it stopped.
     """
     _check_estimator(estimator)
     _check_int("num_samples", num_samples, 2 if estimator == "score_function" else 1)
     if not callable(tau):
         _check_tau(tau)
-    steps = itertools.count()
 
-    def loss_fn(model: DiscreteVAE, x: Tensor) -> Tensor:
-        t = next(steps)
-        temperature = tau(t) if callable(tau) else tau
+    def loss_fn(model: DiscreteVAE, x: Tensor, step: int = 0) -> Tensor:
+        temperature = tau(step) if callable(tau) else tau
         est = model.elbo_estimate(x, num_samples, estimator=estimator, tau=temperature)
         return -est.surrogate / x.shape[0]
 
