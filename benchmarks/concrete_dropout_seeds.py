@@ -1,8 +1,9 @@
 """Seed-to-seed spread of the *Bayesian dropout* chapter's measurements.
 
-The chapter runs one fixed seed; its margins come from this script, which repeats the chapter's
-runs over several seeds and prints, per data size N, the learned drop rates and, for the N whose
-uncertainty the chapter plots, the MC-dropout spread inside the data, in the gap and outside.
+The chapter checks its claims over three seeds (five in the full profile); this script repeats
+its runs over any seeds and training lengths and prints, per data size N, the learned drop rates
+and, for the N whose uncertainty the chapter plots, the MC-dropout spread inside the data, in the
+gap and outside: a way to see how robust the claims are beyond the chapter's seeds.
 
     .venv/bin/python benchmarks/concrete_dropout_seeds.py [--seeds 0,1,2,3,4] [--steps 1000]
 """
