@@ -42,7 +42,7 @@ Term = tuple[complex, int, complex]  # (c, j, t): c x^j exp(t x)
 
 @dataclass(frozen=True)
 class ExpPoly:
-    """``f(x) = Re sum_k c_k x^j_k exp(t_k x)``, closed under +, -, *, and d/dx."""
+    """``f(x) = Re sum_k c_k x^j_k exp(t_k x)``, closed under ``+``, ``-``, ``*`` and ``d/dx``."""
 
     terms: tuple[Term, ...]
     name: str = "f"

@@ -213,9 +213,11 @@ def gumbel_softmax_gradient_samples(
 class GradientLimits(NamedTuple):
     """Small-temperature limits of the Gumbel-Softmax pathwise gradient ``g_tau``, both ``(K, ...)``.
 
-    mean:                 ``lim_{tau -> 0} E[g_tau]``, shape ``(K,)``.
-    scaled_second_moment: ``lim_{tau -> 0} tau E[g_tau g_tau^T]``, shape ``(K, K)``; also the
-                          limit of ``tau Cov[g_tau]``, since the mean stays bounded.
+    mean
+        ``lim_{tau -> 0} E[g_tau]``, shape ``(K,)``.
+    scaled_second_moment
+        ``lim_{tau -> 0} tau E[g_tau g_tau^T]``, shape ``(K, K)``; also the limit of
+        ``tau Cov[g_tau]``, since the mean stays bounded.
     """
 
     mean: Tensor
@@ -233,7 +235,7 @@ def gumbel_softmax_gradient_limits(
     ``x_i - x_j`` in ``tau du`` with probability ``p_i p_j tau du + o(tau)`` (``p = softmax``;
     integrate the Gumbel densities), and there ``y = s e_i + (1 - s) e_j`` with
     ``s = sigmoid(u)``. The gradient is then ``(1/tau) s (1 - s) h_ij(s) (e_i - e_j)``, with
-    ``h_ij(s) = d/ds f(s e_i + (1 - s) e_j)``, and substituting ``ds = s (1 - s) du``:
+    ``h_ij(s) = d/ds f(s e_i + (1 - s) e_j)``, and substituting ``ds = s (1 - s) du``::
 
         E[g]             -> sum_{i<j} p_i p_j (e_i - e_j) int_0^1 h_ij(s) ds
                           = sum_{i<j} p_i p_j (f(e_i) - f(e_j)) (e_i - e_j),  the exact gradient;

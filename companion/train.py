@@ -159,16 +159,22 @@ def train(
     with the 0-based step, so that schedules (temperatures, KL weights) survive a resume.
     The model's initial weights come from whatever generator built it: seed before building it.
 
-    data:        ``None`` (``loss_fn`` gets ``batch=None``), a tensor, or tensors sharing their first
-                 dimension; each step's batch is ``batch_size`` rows of each (all rows if ``None``),
-                 moved to the device. A single tensor is passed as a tensor, several as a tuple.
-    optimizer:   built for ``model``'s parameters; :func:`adam` with ``lr`` if ``None``.
-    callback:    ``callback(step, model) -> dict | None`` after steps ``callback_every, 2 callback_every,
-                 ...`` and the last, under ``torch.no_grad``; its dicts (with ``"step"`` added) go to
-                 ``history.evals``.
-    checkpoint_path, checkpoint_every: save every ``checkpoint_every`` steps and at the end.
-    resume:      continue from ``checkpoint_path`` (which must exist) instead of starting afresh.
-    progress:    a tqdm bar; ``None`` shows it only when stderr is a terminal.
+    data
+        ``None`` (``loss_fn`` gets ``batch=None``), a tensor, or tensors sharing their first
+        dimension; each step's batch is ``batch_size`` rows of each (all rows if ``None``), moved
+        to the device. A single tensor is passed as a tensor, several as a tuple.
+    optimizer
+        Built for ``model``'s parameters; :func:`adam` with ``lr`` if ``None``.
+    callback
+        ``callback(step, model) -> dict | None`` after every ``callback_every`` steps and after
+        the last, under ``torch.no_grad``; its dicts (with ``"step"`` added) go to
+        ``history.evals``.
+    checkpoint_path, checkpoint_every
+        Save every ``checkpoint_every`` steps and at the end.
+    resume
+        Continue from ``checkpoint_path`` (which must exist) instead of starting afresh.
+    progress
+        A tqdm bar; ``None`` shows it only when stderr is a terminal.
     """
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
