@@ -28,15 +28,6 @@ from helpers import Z, assert_mc_close
 F64 = torch.float64
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny networks train fastest on one thread (much faster on a shared CPU); restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _logit(p: float) -> torch.Tensor:
     return torch.tensor(math.log(p) - math.log1p(-p), dtype=F64)
 

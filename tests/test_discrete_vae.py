@@ -26,16 +26,9 @@ from companion.models.discrete_vae import (
 from companion.train import train
 from helpers import Z, assert_mc_close
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 N, K, D = 2, 3, 6  # a tiny model: K^N = 9 latent values, enumerated exactly
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny networks: one thread is faster, and far faster on a shared, loaded CPU
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _tiny(seed: int = 0) -> tuple[DiscreteVAE, torch.Tensor]:

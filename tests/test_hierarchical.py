@@ -34,16 +34,6 @@ S = 400_000
 ALPHA, BETA, C, D = 0.7, 1.3, 2.0, 0.5
 
 
-@pytest.fixture
-def one_thread():
-    # a tiny model trains fastest on one thread; several threads on a busy CPU wait on each
-    # other (measured: 8 s with one thread, 85 s with two, on a loaded 2-core machine)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_importance_weighted_bound_lies_between_the_elbo_and_log_px(one_thread):
     # E[L_K] increases with K from the ELBO (K = 1) towards log p(x) (Burda et al. 2016): the mean
     # of R independent L_K is within Z standard errors below log p(x) and above the ELBO

@@ -21,15 +21,7 @@ from companion.sequence_design import (
     sequence_string,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The searches below step tiny tensors hundreds of times: one intra-op thread is faster,
-    and on a busy shared CPU a second one makes each step wait (20x slower measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _model(length=3, states=5, seed=0, **kwargs):

@@ -42,9 +42,14 @@ def test_every_book_page_is_in_the_toc():
 
 
 def test_every_chapter_imports_companion_and_asserts():
+    import importlib.util
     import re
 
-    from conftest import is_notebook
+    # the root conftest.py (tests/conftest.py shadows the name "conftest")
+    spec = importlib.util.spec_from_file_location("root_conftest", ROOT / "conftest.py")
+    root_conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(root_conftest)
+    is_notebook = root_conftest.is_notebook
 
     for path in _toc_paths():
         if path.is_file() and is_notebook(path):

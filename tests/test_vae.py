@@ -305,16 +305,6 @@ def test_pathwise_and_score_function_encoder_gradients_agree():
 # --------------------------------------------------------------------------- training
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matrices: a second intra-op thread only adds synchronization (and, on a busy
-    machine, waits for a core); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("estimator", vae.ESTIMATORS)
 def test_loss_falls_on_a_tiny_problem(estimator, one_thread):
     # two prototype patterns with 5% bit flips: a latent code that tells them apart beats the
