@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Bernoulli, Distribution, Independent, Normal, kl_divergence
 
-from ..estimators import Estimate, pathwise, score_function
+from ..estimators import Estimate, _check_num_samples, pathwise, score_function
 from ..runtime import rng
 from .layers import mlp
 
@@ -130,11 +130,6 @@ def _check_model(model: VAE) -> VAE:
         raise ValueError(f"model must be a VAE, got {type(model).__name__}")
     return model
 
-
-def _check_num_samples(num_samples: int) -> int:
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
-    return num_samples
 
 
 # --------------------------------------------------------------------------- the ELBO
