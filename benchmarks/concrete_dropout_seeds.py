@@ -13,6 +13,7 @@ import torch
 
 from companion import data
 from companion.models.concrete_dropout import fit_regressor, mc_predict, region_spread
+from companion.runtime import use_threads
 
 SIZES = (25, 100, 400)  # the chapter's data sizes N
 NOISE, GAP, EDGE = 0.3, 1.5, 4.0  # y = sin x + 0.3 eps on 1.5 <= |x| <= 4
@@ -31,7 +32,7 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=1000)
     parser.add_argument("--uncertainty-n", type=int, default=100)
     args = parser.parse_args()
-    torch.set_num_threads(1)  # these networks are tiny: one thread is fastest on a shared CPU
+    use_threads()  # companion.runtime's one thread policy
     grid = torch.linspace(-6, 6, 241).unsqueeze(1)
     for s in [int(v) for v in args.seeds.split(",")]:
         for n in SIZES:

@@ -111,7 +111,8 @@ def main() -> None:
     parser.add_argument("--z-dim", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: tiny models)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: companion.runtime's policy, COMPANION_THREADS)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-validation", action="store_true",
                         help="switch off distribution-argument validation in torch and in Pyro alike")
@@ -122,10 +123,10 @@ def main() -> None:
     import pyro
 
     from companion.models import vae
-    from companion.runtime import device, seed
+    from companion.runtime import device, seed, use_threads
     from companion.train import minibatch_indices
 
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     validation = not args.no_validation
     torch.distributions.Distribution.set_default_validate_args(validation)
     pyro.enable_validation(validation)

@@ -1,16 +1,16 @@
 """Fixtures shared by the unit tests."""
 import pytest
-import torch
+
+from companion import runtime
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread for tests that step tiny tensors many times, restored afterwards.
+@pytest.fixture(autouse=True, scope="session")
+def thread_policy():
+    """The book's one thread policy (:func:`companion.runtime.threads`) for every test.
 
-    A second thread only adds synchronization for tiny matrices, and on a busy shared CPU each
-    step waits for a core: 10-20x slower was measured on a loaded 2-core machine.
+    The tests step tiny tensors many times: a second intra-op thread only adds synchronization,
+    and on a busy shared CPU each step waits for a core (10-20x slower on a loaded 2-core
+    machine). ``COMPANION_THREADS`` overrides it, as in the chapters.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    runtime.use_threads()
     yield
-    torch.set_num_threads(threads)

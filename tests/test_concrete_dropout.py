@@ -210,7 +210,7 @@ def test_regression_loss_is_twice_the_mean_nll_plus_the_regularizers():
     assert torch.allclose(loss, expected)
 
 
-def test_loss_falls_on_a_tiny_problem(one_thread):
+def test_loss_falls_on_a_tiny_problem():
     x, y = data.gapped_sine(32, noise=0.1, generator=torch.Generator().manual_seed(0))
     model, history = fit_regressor(x, y, hidden=(16, 16), steps=300, seed=0, record_every=100,
                                    progress=False)
@@ -244,7 +244,7 @@ def test_region_spread_and_its_standard_error():
     assert abs(estimates.std() / stderrs.mean() - 1) < Z / math.sqrt(2 * 399)
 
 
-def test_spread_grows_outside_the_data(one_thread):
+def test_spread_grows_outside_the_data():
     # trained on x in [-4, -1.5] u [1.5, 4]: the MC-dropout spread for 4.5 < |x| < 5.5 exceeds that
     # for 1.75 < |x| < 3.75 by more than Z standard errors of the difference (T passes)
     x, y = data.gapped_sine(40, noise=0.3, generator=torch.Generator().manual_seed(1))

@@ -26,7 +26,6 @@ from companion.models.discrete_vae import (
 from companion.train import train
 from helpers import Z, assert_mc_close
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 N, K, D = 2, 3, 6  # a tiny model: K^N = 9 latent values, enumerated exactly
 

@@ -34,7 +34,7 @@ S = 400_000
 ALPHA, BETA, C, D = 0.7, 1.3, 2.0, 0.5
 
 
-def test_importance_weighted_bound_lies_between_the_elbo_and_log_px(one_thread):
+def test_importance_weighted_bound_lies_between_the_elbo_and_log_px():
     # E[L_K] increases with K from the ELBO (K = 1) towards log p(x) (Burda et al. 2016): the mean
     # of R independent L_K is within Z standard errors below log p(x) and above the ELBO
     model = _model(1, z1_dim=1, x_dim=6, hidden=8, seed=3).double()
@@ -333,7 +333,7 @@ def test_importance_weights_are_unbiased_for_the_exact_likelihood(z2_dim):
     assert torch.all(elbo < log_px)  # the gap is KL(q || posterior) > 0 for this untrained q
 
 
-def test_loss_falls_on_a_tiny_problem(one_thread):
+def test_loss_falls_on_a_tiny_problem():
     # four prototype patterns with 5 % flipped pixels: the loss must fall by more than 1.5 nats
     # (over seeds 1 to 3 it fell from about 9.2 to about 4.9 nats in these 300 steps)
     g = _gen(6)

@@ -56,3 +56,35 @@ def test_rng_rejects_non_generator():
     with pytest.raises(ValueError, match="generator"):
         with runtime.rng(5):
             pass
+
+
+def test_thread_policy_one_thread_on_cpu_env_overrides(monkeypatch):
+    monkeypatch.delenv("COMPANION_THREADS", raising=False)
+    assert runtime.threads() == (None if torch.cuda.is_available() else 1)
+    monkeypatch.setenv("COMPANION_THREADS", "3")
+    assert runtime.threads() == 3
+    monkeypatch.setenv("COMPANION_THREADS", "default")
+    assert runtime.threads() is None
+
+
+@pytest.mark.parametrize("bad", ["0", "-2", "two", "1.5"])
+def test_thread_policy_rejects_bad_env(monkeypatch, bad):
+    monkeypatch.setenv("COMPANION_THREADS", bad)
+    with pytest.raises(ValueError, match="COMPANION_THREADS"):
+        runtime.threads()
+
+
+def test_use_threads_and_setup_apply_the_policy(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("COMPANION_THREADS", "2")
+        assert runtime.use_threads() == 2 == torch.get_num_threads()
+        monkeypatch.setenv("COMPANION_THREADS", "1")
+        g = runtime.setup(7)
+        assert torch.get_num_threads() == 1
+        assert torch.rand((), generator=g) == torch.rand((), generator=runtime.seed(7))
+        assert runtime.use_threads(2) == 2
+        with pytest.raises(ValueError, match="use_threads"):
+            runtime.use_threads(0)
+    finally:
+        torch.set_num_threads(before)

@@ -21,7 +21,6 @@ from companion.sequence_design import (
     sequence_string,
 )
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _model(length=3, states=5, seed=0, **kwargs):

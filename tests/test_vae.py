@@ -306,7 +306,7 @@ def test_pathwise_and_score_function_encoder_gradients_agree():
 
 
 @pytest.mark.parametrize("estimator", vae.ESTIMATORS)
-def test_loss_falls_on_a_tiny_problem(estimator, one_thread):
+def test_loss_falls_on_a_tiny_problem(estimator):
     # two prototype patterns with 5% bit flips: a latent code that tells them apart beats the
     # best model without one (independent pixels at their empirical frequencies)
     g = torch.Generator().manual_seed(0)
