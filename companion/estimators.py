@@ -12,7 +12,13 @@ Each estimator returns one type, :class:`Estimate`: ``value`` is the Monte Carlo
 ``f`` and ``surrogate`` is a scalar that *evaluates* to the same mean but whose gradient is the
 estimator, so ``est.surrogate.backward()`` leaves the gradient estimate in ``.grad``.
 :func:`gradient_samples` gives the per-sample estimates themselves, so that variances are
-measured, not guessed.
+measured, not guessed; :func:`per_sample_gradients` does the same for any program written as a
+function of its parameters and of its own noise (one ``torch.func.vmap`` over ``grad``).
+
+Common random numbers: ``pathwise``, ``score_function`` and ``gradient_samples`` take the
+standard noise ``eps`` explicitly (``x = g(eps, theta)``, the path kept for the pathwise
+estimator and cut for the score function), so two estimators or two parameter values can be
+compared on the same draws.
 
 Shapes: ``f`` takes samples of shape ``(S, *batch_shape, *event_shape)`` and returns ``(S,)``,
 one objective per sample; the leading dimension is always the sample dimension. For a batch of
@@ -24,12 +30,21 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.distributions import Chi2, Distribution, Independent, Normal, Weibull
+from torch.distributions import (
+    Chi2,
+    Distribution,
+    Independent,
+    MultivariateNormal,
+    Normal,
+    TransformedDistribution,
+    Uniform,
+    Weibull,
+)
 
 from .runtime import rng
 
@@ -39,6 +54,8 @@ __all__ = [
     "score_function",
     "measure_valued",
     "gradient_samples",
+    "per_sample_gradients",
+    "reparameterize",
     "METHODS",
     "MCSummary",
     "mc_summary",
@@ -103,6 +120,68 @@ def _batch_shape(dist: Distribution, sample_shape) -> tuple:
     return tuple(dist.batch_shape) if len(sample_shape) else tuple(dist.batch_shape[1:])
 
 
+# --------------------------------------------------------------------------- explicit noise
+
+
+def reparameterize(dist: Distribution, eps: Tensor) -> Tensor:
+    """``x = g(eps, theta)``: the sample of ``dist`` that the standard noise ``eps`` determines.
+
+    The same map ``rsample`` applies to the noise it draws itself, written out so that the noise
+    can be chosen (common random numbers, quadrature nodes, a fixed ``eps`` for finite
+    differences):
+
+    * ``Normal(loc, scale)``: ``x = loc + scale * eps``, ``eps ~ N(0, 1)``;
+    * ``MultivariateNormal``: ``x = loc + L eps`` with ``L = scale_tril``, ``eps ~ N(0, I)``;
+    * ``Uniform(low, high)``: ``x = low + (high - low) * eps``, ``eps ~ U(0, 1)``;
+    * ``Independent(base)``: the base's map; ``TransformedDistribution`` (``LogNormal``,
+      ``LogisticNormal``, ``Gumbel``, ``Kumaraswamy``, ...): the base's map, then the transforms.
+
+    ``eps`` has shape ``sample_shape + batch_shape + event_shape`` of the base distribution.
+    Other families raise a ``ValueError``: draw them with ``generator=`` instead.
+    """
+    if not isinstance(eps, Tensor):
+        raise ValueError(f"eps must be a tensor, got {type(eps).__name__}")
+    if isinstance(dist, Independent):
+        return reparameterize(dist.base_dist, eps)
+    if isinstance(dist, TransformedDistribution):
+        x = reparameterize(dist.base_dist, eps)
+        for transform in dist.transforms:
+            x = transform(x)
+        return x
+    if not isinstance(dist, (Normal, MultivariateNormal, Uniform)):
+        raise ValueError(
+            f"eps= is supported for Normal, MultivariateNormal, Uniform and Independent or "
+            f"TransformedDistribution built on them, got {type(dist).__name__}: use generator="
+        )
+    shape = dist.batch_shape + dist.event_shape
+    if eps.shape[eps.dim() - len(shape):] != shape:
+        raise ValueError(
+            f"eps of shape {tuple(eps.shape)} does not end in the distribution's batch and event "
+            f"shape {tuple(shape)}"
+        )
+    if isinstance(dist, Normal):
+        return dist.loc + dist.scale * eps
+    if isinstance(dist, MultivariateNormal):
+        return dist.loc + (dist.scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
+    return dist.low + (dist.high - dist.low) * eps
+
+
+def _draw(dist: Distribution, sample_shape, eps: Tensor | None, generator, path: bool) -> Tensor:
+    """S draws of dist: from ``eps`` when given (its leading shape must be ``sample_shape``)."""
+    if eps is None:
+        with rng(generator):
+            return dist.rsample(sample_shape) if path else dist.sample(sample_shape)
+    if generator is not None:
+        raise ValueError("pass eps= or generator=, not both: eps fixes the noise already")
+    x = reparameterize(dist, eps)
+    if x.shape != dist._extended_shape(sample_shape):
+        raise ValueError(
+            f"eps must give samples of shape {tuple(dist._extended_shape(sample_shape))}, got "
+            f"{tuple(x.shape)} from eps of shape {tuple(eps.shape)}"
+        )
+    return x if path else x.detach()
+
+
 # --------------------------------------------------------------------------- per-sample terms
 # Each ``_terms`` function draws S samples and returns (f(x), s), both of shape (S,), where
 # s_i evaluates to f(x_i) and grad s_i is the i-th per-sample gradient estimate.
@@ -110,14 +189,13 @@ def _batch_shape(dist: Distribution, sample_shape) -> tuple:
 # distribution's batch already starts with it (gradient_samples).
 
 
-def _pathwise_terms(f, dist, sample_shape, num_samples, generator):
+def _pathwise_terms(f, dist, sample_shape, num_samples, generator, eps=None):
     if not dist.has_rsample:
         raise ValueError(
             f"pathwise needs a reparameterizable distribution (has_rsample=True); "
             f"{type(dist).__name__} has none: use score_function"
         )
-    with rng(generator):
-        x = dist.rsample(sample_shape)
+    x = _draw(dist, sample_shape, eps, generator, path=True)
     fx = _f_values(f, x, num_samples, _batch_shape(dist, sample_shape))
     return fx, fx
 
@@ -149,9 +227,8 @@ def _baseline_values(baseline: Baseline, fx: Tensor) -> Tensor | float:
     return b
 
 
-def _score_terms(f, dist, sample_shape, num_samples, generator, baseline=None):
-    with rng(generator):
-        x = dist.sample(sample_shape)
+def _score_terms(f, dist, sample_shape, num_samples, generator, baseline=None, eps=None):
+    x = _draw(dist, sample_shape, eps, generator, path=False)
     fx = _f_values(f, x, num_samples, _batch_shape(dist, sample_shape))  # keeps f's own parameters
     log_p = _log_prob_like(dist, x, fx)
     weight = fx.detach() - _baseline_values(baseline, fx.detach())
@@ -232,15 +309,20 @@ def _estimate(method, f, dist, num_samples, generator, **options) -> Estimate:
 # --------------------------------------------------------------------------- public estimators
 
 
-def pathwise(f: Objective, dist: Distribution, num_samples: int, *, generator=None) -> Estimate:
+def pathwise(
+    f: Objective, dist: Distribution, num_samples: int, *, generator=None, eps: Tensor | None = None
+) -> Estimate:
     """Pathwise (reparameterization) estimate of ``grad E_dist[f(x)]``.
 
     ``x_i = dist.rsample()`` keeps its graph back to the parameters, so the gradient of
     ``(1/S) sum_i f(x_i)`` is ``(1/S) sum_i grad f(g(eps_i, theta))``, unbiased for
     ``grad_theta E[f(x)]`` when ``f`` is differentiable. Chapter *The reparameterization trick*;
     Kingma and Welling 2014, Rezende et al. 2014.
+
+    eps: the standard noise, shape ``(num_samples, *batch_shape, *event_shape)``, instead of a
+    draw from ``generator`` (``x_i = g(eps_i, theta)``, see :func:`reparameterize`).
     """
-    return _estimate("pathwise", f, dist, num_samples, generator)
+    return _estimate("pathwise", f, dist, num_samples, generator, eps=eps)
 
 
 def score_function(
@@ -250,6 +332,7 @@ def score_function(
     *,
     baseline: Baseline = None,
     generator=None,
+    eps: Tensor | None = None,
 ) -> Estimate:
     """Score-function (REINFORCE, likelihood-ratio) estimate of ``grad E_dist[f(x)]``.
 
@@ -261,8 +344,20 @@ def score_function(
     ``b_i = (sum_j f_j - f_i) / (S - 1)``, which keeps the estimate unbiased; or a callable
     that maps the detached f-values ``(S,)`` to ``b`` (scalar or ``(S,)``). A callable whose
     ``b_i`` depends on ``f_i`` biases the estimate.
+
+    Batches: for a batch of data points, ``log p`` must be one log-probability per data point.
+    A batched *discrete* distribution needs ``Independent``: ``Bernoulli(logits)`` with logits
+    ``(B, D)`` has batch shape ``(B, D)`` and ``f`` returning ``(S, B)`` is then refused; wrap it
+    as ``Independent(Bernoulli(logits=logits), 1)`` (batch ``(B,)``, event ``(D,)``) so that
+    ``log_prob`` sums the ``D`` coordinates of each data point::
+
+        q = Independent(Bernoulli(logits=logits), 1)              # (B, D) -> batch (B,)
+        est = score_function(lambda z: f(z), q, 100, baseline="mean")   # f: (S, B, D) -> (S, B)
+
+    eps: the standard noise (see :func:`pathwise`); the samples ``g(eps, theta)`` are then
+    detached, so the two estimators can share their draws.
     """
-    return _estimate("score_function", f, dist, num_samples, generator, baseline=baseline)
+    return _estimate("score_function", f, dist, num_samples, generator, baseline=baseline, eps=eps)
 
 
 def measure_valued(
@@ -296,6 +391,7 @@ def gradient_samples(
     num_samples: int,
     *,
     generator=None,
+    eps: Tensor | None = None,
     **options,
 ) -> tuple[Tensor, ...]:
     """Per-sample gradient estimates: one tensor of shape ``(num_samples, *p.shape)`` per ``p``.
@@ -306,6 +402,15 @@ def gradient_samples(
     copy ``i``, so one backward pass gives all per-sample gradients. ``method`` is one of
     :data:`METHODS`; ``options`` pass on (``baseline="mean"``, ``coupling=False``). Their mean
     is the estimator with ``num_samples`` samples; their variance is the per-sample variance.
+
+    With ``baseline="mean"`` the per-sample estimates share one leave-one-out baseline: sample
+    ``i`` uses the mean of the other ``S - 1`` f-values, so the rows are not independent (each
+    is unbiased, and their mean is the leave-one-out estimator with ``S`` samples); their
+    variance is that of the leave-one-out estimator's terms, close to the variance with the
+    exact mean as baseline for large ``S``.
+
+    eps: the standard noise ``(num_samples, *p.shape-derived batch, *event)`` (pathwise and
+    score function), for common random numbers; see :func:`reparameterize`.
     """
     if method not in _TERMS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -322,9 +427,63 @@ def gradient_samples(
             f"dist_fn must build a distribution with batch shape ({n}, ...) from parameters with a "
             f"leading sample dimension, got batch shape {tuple(dist.batch_shape)}"
         )
+    if eps is not None:
+        if method == "measure_valued":
+            raise ValueError("eps= is for the pathwise and score-function estimators")
+        options["eps"] = eps
     _, s = _TERMS[method](f, dist, (), n, generator, **options)
     grads = torch.autograd.grad(s.sum(), copies, allow_unused=True)
     return tuple(torch.zeros_like(c) if g is None else g for g, c in zip(grads, copies))
+
+
+def per_sample_gradients(
+    program: Callable[[Any, Any], Tensor],
+    params: Any,
+    noise: Any,
+    *,
+    chunk_size: int | None = None,
+) -> Any:
+    """One gradient per noise draw: ``g_i = grad_theta program(theta, noise_i)``, ``i = 1..S``.
+
+    A pathwise estimator is a deterministic program of the parameters and of its own noise,
+    ``f(g(eps, theta))``; its per-sample gradients are those of the program at each ``eps_i``::
+
+        g_i = d/dtheta f(g(eps_i, theta)),     mean_i g_i = the estimate,  var_i g_i = its variance.
+
+    A score-function term is a program too, with the sample itself as its noise (drawn without a
+    path) and ``f(x) + stop_grad(f(x) - b) (log p_theta(x) - stop_grad(log p_theta(x)))`` as its
+    value; a baseline ``b_i`` computed from the other draws enters as part of ``noise_i``.
+
+    program: ``program(params, noise_i) -> scalar``, written for *one* draw (no sample dimension).
+    params:  a tensor, or a tuple / list / dict of tensors (e.g. ``dict(module.named_parameters())``
+             used with ``torch.func.functional_call``): the point theta at which to differentiate.
+    noise:   a tensor, or a tuple / dict of tensors, each with the sample dimension ``S`` first.
+    chunk_size: draws per vectorized call (memory), ``None`` for all at once.
+
+    Returns the gradients in the structure of ``params``, each with a leading ``S``.
+    Built on ``torch.func.vmap(torch.func.grad(program))``: one vectorized pass, no copies of the
+    parameters, and the noise is explicit, so two programs can share it (common random numbers).
+    The program must be functional (no in-place updates of ``params``, no ``.item()``) and draw
+    no randomness of its own. Chapter *Gradients of expectations*.
+    """
+    if not callable(program):
+        raise ValueError(f"program must be callable, got {type(program).__name__}")
+    leaves = list(params.values()) if isinstance(params, dict) else (
+        list(params) if isinstance(params, (tuple, list)) else [params])
+    if not leaves or not all(isinstance(p, Tensor) and p.is_floating_point() for p in leaves):
+        raise ValueError("params must be a floating-point tensor or a non-empty tuple, list or dict of them")
+    noise_leaves = list(noise.values()) if isinstance(noise, dict) else (
+        list(noise) if isinstance(noise, (tuple, list)) else [noise])
+    if not noise_leaves or not all(isinstance(e, Tensor) and e.dim() >= 1 for e in noise_leaves):
+        raise ValueError("noise must be a tensor, or a tuple, list or dict of tensors, each with a leading sample dimension")
+    sizes = {e.shape[0] for e in noise_leaves}
+    if len(sizes) != 1:
+        raise ValueError(f"every noise tensor must have the same leading sample dimension, got sizes {sorted(sizes)}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    params = type(params)(p.detach() for p in params) if isinstance(params, (tuple, list)) else (
+        {k: p.detach() for k, p in params.items()} if isinstance(params, dict) else params.detach())
+    return torch.func.vmap(torch.func.grad(program), in_dims=(None, 0), chunk_size=chunk_size)(params, noise)
 
 
 # --------------------------------------------------------------------------- diagnostics
