@@ -1,0 +1,25 @@
+"""Offer each chapter's executed notebook (``.ipynb``) in the page's download menu.
+
+sphinx-book-theme lists a ``.ipynb`` download only when a launch service (Binder, Colab) is
+configured. This book has none (it is read offline too), so this extension does the part that
+matters: it copies the notebook MyST-NB executed for the page (``_build/jupyter_execute``) next
+to the page's source under ``_sources/`` and tells the theme about it, before the theme builds
+its header buttons (priority 500 < the theme's 501).
+"""
+from pathlib import Path
+from shutil import copy2
+
+
+def add_executed_notebook(app, pagename, templatename, context, doctree):
+    executed = Path(app.outdir).parent / "jupyter_execute" / f"{pagename}.ipynb"
+    if not executed.is_file():
+        return  # a prose page, or a page that is not a notebook
+    target = Path(app.outdir) / "_sources" / f"{pagename}.ipynb"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    copy2(executed, target)
+    context["ipynb_source"] = f"{pagename}.ipynb"
+
+
+def setup(app):
+    app.connect("html-page-context", add_executed_notebook, priority=500)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}
