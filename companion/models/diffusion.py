@@ -452,7 +452,7 @@ def gaussian_denoiser(z: Tensor, log_snr: Tensor, data_var: float) -> Tensor:
 
 def continuous_loss(denoiser: Callable[[Tensor, Tensor], Tensor], x0: Tensor, eps: Tensor,
                     log_snr: Tensor, log_snr_slope: Tensor, *, num_steps: int = T) -> Tensor:
-    """One-draw estimates of the continuous-time diffusion loss (Kingma et al. 2021, eq. 17): ``(N,)``.
+    """One-draw estimates of the continuous-time diffusion loss (Kingma et al. 2021, sec. 5): ``(N,)``.
 
     With ``t ~ U[1, T]`` (real), ``lambda = lambda(t)`` and its slope ``lambda'(t)``::
 
@@ -464,8 +464,8 @@ def continuous_loss(denoiser: Callable[[Tensor, Tensor], Tensor], x0: Tensor, ep
     (substitute ``lambda = lambda(t)``): it depends on the schedule only through its ends, while
     the variance of ``L_hat`` depends on all of it.
 
-    denoiser: ``eps_hat(z, lambda)``, ``(N, D), (N,) -> (N, D)`` (:class:`LogSNRDenoiser`,
-    :func:`gaussian_denoiser`); x0, eps: ``(N, D)``; log_snr, log_snr_slope: ``(N,)``, the
+    denoiser: ``eps_hat(z, lambda)``, ``(N, D), (N,) -> (N, D)`` (:class:`LogSNRDenoiser`, or
+    :func:`gaussian_denoiser` with ``data_var`` bound by ``functools.partial``); x0, eps: ``(N, D)``; log_snr, log_snr_slope: ``(N,)``, the
     schedule's value and ``d lambda / d t`` at each example's ``t``. Differentiable in all of them:
     with ``eps`` fixed, the gradient with respect to the schedule is pathwise.
     """
