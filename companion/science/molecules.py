@@ -279,9 +279,10 @@ def predictive(model: LatentDescriptorRegressor, x: Tensor, *, noise: bool = Tru
     """The exact predictive ``p(y | x) = N(w^T mu + b, sum_k w_k^2 sigma_k^2 + s^2)``, batch ``(N,)``.
 
     ``noise=False`` leaves out ``s^2``: the spread that the latent descriptor alone carries.
+    ``x`` is moved to the model's device, where the result stays.
     """
     _check_model(model)
-    mu, sigma = model.encode(x)
+    mu, sigma = model.encode(x.to(model.log_noise.device))
     w = model.head.weight.squeeze(0)  # (K,)
     loc = mu @ w + model.head.bias  # (N,)
     var = (sigma * w).pow(2).sum(-1)  # (N,)
@@ -296,9 +297,10 @@ def predictive_samples(model: LatentDescriptorRegressor, x: Tensor, num_samples:
     """Draws ``y_sn = w^T (mu + sigma eps_sn) + b + s eta_sn`` from ``p(y | x)``: ``(S, N)``.
 
     ``eps`` is the latent noise ``(S, N, K)``; the observation noise ``eta`` comes from
-    ``generator``. A Monte Carlo check of :func:`predictive`.
+    ``generator``. A Monte Carlo check of :func:`predictive`. ``x`` is moved to the model's device.
     """
     _check_model(model)
+    x = x.to(model.log_noise.device)
     eps = _latent_noise(model, x, num_samples, eps, generator)
     prediction = model(x, eps)
     eta = torch.randn(prediction.shape, generator=generator, dtype=x.dtype, device=x.device)
@@ -308,7 +310,7 @@ def predictive_samples(model: LatentDescriptorRegressor, x: Tensor, num_samples:
 @torch.no_grad()
 def mean_latent_scale(model: LatentDescriptorRegressor, x: Tensor) -> float:
     """The mean of ``sigma_k(x_n)`` over molecules ``n`` and latent coordinates ``k``."""
-    return _check_model(model).encode(x)[1].mean().item()
+    return _check_model(model).encode(x.to(model.log_noise.device))[1].mean().item()
 
 
 # --------------------------------------------------------------------------- fitting
