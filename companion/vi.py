@@ -221,8 +221,9 @@ def elbo_gradient_samples(
     of one standard normal ``eps_i``, handed to :func:`companion.estimators.per_sample_gradients`:
 
     * pathwise: ``f(phi, eps_i) = log p(x, z_i) - log q_phi(z_i)`` with ``z_i = mu + s eps_i``;
-    * score function: ``z_i`` fixed (no path), ``f_i + stop_grad(f_i - b_i) (log q_phi(z_i) -
-      stop_grad(log q_phi(z_i)))``, whose gradient is ``(f_i - b_i) grad log q + grad f_i``.
+    * score function: ``z_i`` fixed (no path) and the surrogate
+      ``f_i + stop_grad(f_i - b_i) (log q_i - stop_grad(log q_i))``, ``log q_i = log q_phi(z_i)``,
+      whose gradient is ``(f_i - b_i) grad log q_i + grad f_i``.
 
     Their mean is the estimate with ``S`` samples and their variance the per-sample variance.
     ``baseline`` as in :func:`companion.estimators.score_function`; with ``baseline="mean"``
