@@ -454,11 +454,15 @@ def per_sample_gradients(
     path) and ``f(x) + stop_grad(f(x) - b) (log p_theta(x) - stop_grad(log p_theta(x)))`` as its
     value; a baseline ``b_i`` computed from the other draws enters as part of ``noise_i``.
 
-    program: ``program(params, noise_i) -> scalar``, written for *one* draw (no sample dimension).
-    params:  a tensor, or a tuple / list / dict of tensors (e.g. ``dict(module.named_parameters())``
-             used with ``torch.func.functional_call``): the point theta at which to differentiate.
-    noise:   a tensor, or a tuple / dict of tensors, each with the sample dimension ``S`` first.
-    chunk_size: draws per vectorized call (memory), ``None`` for all at once.
+    program
+        ``program(params, noise_i) -> scalar``, written for *one* draw (no sample dimension).
+    params
+        a tensor, or a tuple / list / dict of tensors (e.g. ``dict(module.named_parameters())``
+        used with ``torch.func.functional_call``): the point theta at which to differentiate.
+    noise
+        a tensor, or a tuple / dict of tensors, each with the sample dimension ``S`` first.
+    chunk_size
+        draws per vectorized call (memory), ``None`` for all at once.
 
     Returns the gradients in the structure of ``params``, each with a leading ``S``.
     Built on ``torch.func.vmap(torch.func.grad(program))``: one vectorized pass, no copies of the

@@ -59,7 +59,8 @@ def _check_logits(logits: Tensor, name: str = "logits") -> Tensor:
                          + (f" of dtype {logits.dtype}" if isinstance(logits, Tensor) else ""))
     if logits.dim() == 0 or logits.shape[-1] == 0:
         raise ValueError(f"{name} must have a non-empty last dimension of classes, got shape {tuple(logits.shape)}")
-    if Distribution._validate_args and torch.isnan(logits).any():
+    # torch._is_any_true, as torch.distributions' own checks use: it works under torch.func.vmap
+    if Distribution._validate_args and torch._is_any_true(torch.isnan(logits)):
         raise ValueError(f"{name} contain NaN (argument validation is on: "
                          f"torch.distributions.Distribution.set_default_validate_args)")
     return logits
@@ -125,8 +126,8 @@ def gumbel_softmax(
     :func:`straight_through` one-hot. With the global generator it draws the same noise as
     ``torch.nn.functional.gumbel_softmax``, and so returns the same sample. ``logits``:
     ``(..., K)`` with ``K >= 1``; NaN logits raise a ``ValueError`` while torch.distributions'
-    argument validation is on (its default; turn it off inside ``torch.func.vmap``, as for
-    torch's distributions).
+    argument validation is on (its default, ``Distribution.set_default_validate_args``), and
+    are not looked at when it is off.
     """
     tau = _check_tau(tau)
     _check_logits(logits)

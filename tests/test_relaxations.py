@@ -330,3 +330,17 @@ def test_limits_arguments():
         gumbel_softmax_gradient_limits(_cubic, K3_LOGITS[None])
     with pytest.raises(ValueError, match="num_nodes"):
         gumbel_softmax_gradient_limits(_cubic, K3_LOGITS, num_nodes=1)
+
+
+def test_nan_check_works_inside_vmap():
+    # the check uses torch._is_any_true, like torch.distributions' validation, so that a program
+    # vectorized with torch.func.vmap keeps it
+    def program(logits, gumbels):
+        return gumbel_softmax(logits, 0.5, gumbels=gumbels).sum()
+
+    gumbels = sample_gumbel((4, 3), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert torch.func.vmap(program)(NAN_LOGITS[1].expand(4, 3).clone(), gumbels).shape == (4,)
+    bad = NAN_LOGITS[1].expand(4, 3).clone()
+    bad[2, 0] = math.nan
+    with pytest.raises(ValueError, match="NaN"):
+        torch.func.vmap(program)(bad, gumbels)
