@@ -13,6 +13,7 @@ Checkpoints contain only tensors and plain Python values, so they load with
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -52,13 +53,20 @@ def minibatch_indices(step: int, num_examples: int, batch_size: int, seed: int) 
     Epoch ``e = step // (N // B)`` uses ``randperm(N)`` from a generator seeded with ``(seed, e)``,
     so the batch of any step can be recomputed without state (which makes resuming exact).
     """
+    _check_batch_size(batch_size, num_examples)
+    epoch, j = divmod(step, num_examples // batch_size)
+    return _epoch_permutation(epoch, num_examples, seed)[j * batch_size : (j + 1) * batch_size]
+
+
+def _check_batch_size(batch_size: int, num_examples: int) -> None:
     if batch_size < 1 or batch_size > num_examples:
         raise ValueError(f"batch_size must be in [1, {num_examples}] (the number of examples), got {batch_size}")
-    per_epoch = num_examples // batch_size
-    epoch, j = divmod(step, per_epoch)
+
+
+def _epoch_permutation(epoch: int, num_examples: int, seed: int) -> Tensor:
+    """The order of the examples in ``epoch``: ``randperm(N)`` from a generator seeded with ``(seed, epoch)``."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(num_examples, generator=gen)
-    return perm[j * batch_size : (j + 1) * batch_size]
+    return torch.randperm(num_examples, generator=gen)
 
 
 def _as_tensors(data) -> tuple[Tensor, ...] | None:
@@ -175,6 +183,10 @@ def train(
         Continue from ``checkpoint_path`` (which must exist) instead of starting afresh.
     progress
         A tqdm bar; ``None`` shows it only when stderr is a terminal.
+
+    A loss that is not finite stops the run with a ``FloatingPointError`` naming the step. The
+    step's own work is that of a hand-written loop: the minibatch order is drawn once per epoch,
+    and nothing but ``loss.item()`` reads back from the device (``benchmarks/training.py``).
     """
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
@@ -204,13 +216,22 @@ def train(
         _set_rng_state(state["rng"])
     else:
         runtime.seed(seed)
+    if batch_size is not None:
+        _check_batch_size(batch_size, n)
+        per_epoch = n // batch_size
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=steps, initial=min(start, steps), disable=not show, leave=False, dynamic_ncols=True)
     model.train()
+    perm, perm_epoch = None, None  # this epoch's order (minibatch_indices, drawn once per epoch)
     for step in range(start, steps):
         batch = None
         if tensors is not None:
-            rows = minibatch_indices(step, n, batch_size, seed) if batch_size is not None else slice(None)
+            rows = slice(None)
+            if batch_size is not None:
+                epoch, j = divmod(step, per_epoch)
+                if epoch != perm_epoch:
+                    perm, perm_epoch = _epoch_permutation(epoch, n, seed), epoch
+                rows = perm[j * batch_size : (j + 1) * batch_size]
             parts = tuple(t[rows].to(dev, non_blocking=True) for t in tensors)
             batch = parts[0] if len(parts) == 1 else parts
         loss = loss_fn(model, batch, step=step) if takes_step else loss_fn(model, batch)
@@ -221,7 +242,13 @@ def train(
         if clip_grad_norm is not None:
             nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         optimizer.step()
-        history.loss.append(loss.item())
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"the loss is {value} at step {step}: the model's parameters or outputs have become "
+                f"infinite or NaN (lower the learning rate, or clip gradients with clip_grad_norm)"
+            )
+        history.loss.append(value)
         done = step + 1
         if callback is not None and (done % callback_every == 0 or done == steps):
             model.eval()
@@ -232,8 +259,9 @@ def train(
             model.train()
         if path is not None and checkpoint_every is not None and (done % checkpoint_every == 0 or done == steps):
             _save(path, model, optimizer, done, history)
-        bar.set_postfix(loss=f"{history.loss[-1]:.4g}", refresh=False)
-        bar.update(1)
+        if show:
+            bar.set_postfix(loss=f"{value:.4g}", refresh=False)
+            bar.update(1)
     bar.close()
     model.eval()
     return history

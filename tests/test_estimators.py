@@ -50,6 +50,31 @@ def test_generator_makes_estimates_repeat(method):
     assert grad() == grad()
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_value_without_grad_is_the_value_with_grad(method):
+    # under no_grad the estimators skip the surrogate's correction terms: the same draws, the
+    # same value
+    def value():
+        mu, sigma = _params()
+        return ESTIMATORS[method](torch.cos, Normal(mu, sigma), 32, generator=torch.Generator().manual_seed(4)).value
+
+    with_grad = value()
+    with torch.no_grad():
+        assert torch.equal(value(), with_grad)
+
+
+def test_score_function_draws_the_numbers_of_sample():
+    # a reparameterizable distribution is drawn as a no-grad rsample: the numbers of sample()
+    mu, sigma = _params()
+    x = []
+    est = score_function(lambda v: x.append(v) or v, Normal(mu, sigma), 16, generator=torch.Generator().manual_seed(8))
+    from companion.runtime import rng
+
+    with rng(torch.Generator().manual_seed(8)):
+        reference = Normal(mu, sigma).sample((16,))
+    assert torch.equal(x[0], reference) and torch.equal(est.value, reference.mean())
+
+
 def test_pathwise_needs_rsample():
     rate = torch.tensor(2.0, requires_grad=True)
     with pytest.raises(ValueError, match="has_rsample"):

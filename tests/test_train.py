@@ -31,6 +31,34 @@ def test_loss_falls_on_a_tiny_problem():
     assert sum(hist.loss[-20:]) / 20 < 0.01 * sum(hist.loss[:20]) / 20
 
 
+def test_train_draws_the_batches_of_minibatch_indices():
+    # the loop draws each epoch's order once; its batches must be minibatch_indices' (resuming
+    # relies on it)
+    x = torch.arange(50.0).unsqueeze(1)
+    seen = []
+
+    def record(model, batch):
+        seen.append(batch[:, 0].long())
+        return model(batch).sum() * 0.0
+
+    train(_model_1d(), record, x, steps=23, batch_size=7, seed=5, device="cpu")
+    for t, rows in enumerate(seen):
+        assert torch.equal(rows, minibatch_indices(t, 50, 7, 5))
+
+
+def test_a_loss_that_is_not_finite_stops_the_run():
+    def diverging(model, batch):
+        return model(batch).sum() * float("nan")
+
+    with pytest.raises(FloatingPointError, match="step 0"):
+        train(_model_1d(), diverging, torch.ones(4, 1), steps=3, device="cpu")
+
+
+def _model_1d():
+    torch.manual_seed(0)
+    return nn.Linear(1, 1)
+
+
 def test_minibatches_cover_each_epoch_once():
     seen = torch.cat([minibatch_indices(t, 100, 10, seed=3) for t in range(10)])
     assert sorted(seen.tolist()) == list(range(100))

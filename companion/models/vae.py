@@ -27,6 +27,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.distributions import Bernoulli, Distribution, Independent, Normal, kl_divergence
 
 from ..estimators import Estimate, _check_num_samples, pathwise, score_function
@@ -40,6 +41,7 @@ __all__ = [
     "ESTIMATORS",
     "reparameterize",
     "elbo_analytic_kl",
+    "kl_standard_normal",
     "elbo_monte_carlo_kl",
     "elbo_estimate",
     "loss",
@@ -94,20 +96,40 @@ class VAE(nn.Module):
         if config.likelihood == "gaussian":
             self.log_scale = nn.Parameter(torch.tensor(float(config.init_log_scale)))
 
+    def encoder_params(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(mu(x), log sigma(x))``, the encoder's outputs: ``(B, z_dim)`` each."""
+        _check_x(self, x)
+        return self.encoder(x).chunk(2, dim=-1)
+
     def encode(self, x: Tensor) -> Independent:
         """``q(z | x) = N(mu(x), diag sigma(x)^2)``: batch shape ``(B,)``, event shape ``(z_dim,)``."""
-        _check_x(self, x)
-        mu, log_sigma = self.encoder(x).chunk(2, dim=-1)  # (B, z_dim) each
+        mu, log_sigma = self.encoder_params(x)  # (B, z_dim) each
         return Independent(Normal(mu, log_sigma.exp()), 1)
 
     def decode(self, z: Tensor) -> Independent:
         """``p(x | z)``: Bernoulli with logits ``dec(z)`` or Normal with mean ``dec(z)``, event ``(x_dim,)``."""
-        if not isinstance(z, Tensor) or z.shape[-1:] != (self.config.z_dim,):
-            raise ValueError(f"z must have last dimension z_dim={self.config.z_dim}, got {_shape(z)}")
+        _check_z(self, z)
         out = self.decoder(z)  # (..., x_dim)
         if self.config.likelihood == "bernoulli":
             return Independent(Bernoulli(logits=out), 1)
         return Independent(Normal(out, self.log_scale.exp()), 1)
+
+    def log_likelihood(self, z: Tensor, x: Tensor) -> Tensor:
+        """``log p(x | z) = decode(z).log_prob(x)``: ``(S, B)`` for ``z`` ``(S, B, z_dim)``, ``x`` ``(B, x_dim)``.
+
+        The same numbers from the decoder's output directly, without the distribution objects
+        (their argument checks and broadcasting views cost a tenth of a training step): for the
+        Bernoulli decoder ``-binary_cross_entropy_with_logits`` summed over pixels, which is what
+        ``Bernoulli.log_prob`` computes. The pixels must be 0 or 1 (a ``ValueError`` otherwise,
+        as torch's support check would raise).
+        """
+        _check_z(self, z)
+        out = self.decoder(z)  # (..., x_dim)
+        if self.config.likelihood == "gaussian":
+            return Normal(out, self.log_scale.exp(), validate_args=False).log_prob(x).sum(-1)
+        if not torch.equal(x * x, x):  # x^2 = x exactly when every pixel is 0 or 1
+            raise ValueError("x must be binary (0 or 1) for the Bernoulli decoder: binarize it first")
+        return -F.binary_cross_entropy_with_logits(out, x.expand_as(out), reduction="none").sum(-1)
 
     def prior(self) -> Independent:
         """``p(z) = N(0, I)`` on the model's device and dtype: event shape ``(z_dim,)``."""
@@ -118,6 +140,11 @@ class VAE(nn.Module):
 
 def _shape(x) -> object:
     return tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+
+
+def _check_z(model: VAE, z: Tensor) -> None:
+    if not isinstance(z, Tensor) or z.shape[-1:] != (model.config.z_dim,):
+        raise ValueError(f"z must have last dimension z_dim={model.config.z_dim}, got {_shape(z)}")
 
 
 def _check_x(model: VAE, x: Tensor) -> None:
@@ -137,7 +164,7 @@ def _check_model(model: VAE) -> VAE:
 def reparameterize(
     mu: Tensor,
     sigma: Tensor,
-    num_samples: int = 1,
+    num_samples: int | None = 1,
     *,
     eps: Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -149,10 +176,17 @@ def reparameterize(
     or from torch's global generator. Gradients flow to ``mu`` and ``sigma`` (Kingma and
     Welling 2014, sec. 2.4). ``sigma`` is not checked for positivity here (that would cost a
     device synchronization per step); the encoder makes it ``exp(log sigma)``.
+    ``num_samples=None`` is one draw without the sample dimension (shape ``mu.shape``, the same
+    numbers as ``num_samples=1``), as ``rsample()`` without a sample shape.
     """
-    _check_num_samples(num_samples)
-    shape = (num_samples, *torch.broadcast_shapes(mu.shape, sigma.shape))
-    if eps is None:
+    if num_samples is not None:
+        _check_num_samples(num_samples)
+    # torch.broadcast_shapes costs 25 us (Python): only when the shapes differ
+    batch = mu.shape if sigma.shape == mu.shape else torch.broadcast_shapes(mu.shape, sigma.shape)
+    shape = (*(() if num_samples is None else (num_samples,)), *batch)
+    if eps is None and generator is None:
+        eps = torch.randn(shape, dtype=mu.dtype, device=mu.device)
+    elif eps is None:
         with rng(generator):
             eps = torch.randn(shape, dtype=mu.dtype, device=mu.device)
     elif tuple(eps.shape) != shape:
@@ -165,7 +199,7 @@ def _sample_terms(model, x, num_samples, eps, generator):
     _check_model(model)
     q = model.encode(x)  # batch (B,), event (z_dim,)
     z = reparameterize(q.base_dist.loc, q.base_dist.scale, num_samples, eps=eps, generator=generator)
-    return q, z, model.decode(z).log_prob(x)  # (S, B)
+    return q, z, model.log_likelihood(z, x)  # (S, B)
 
 
 def elbo_analytic_kl(
@@ -180,10 +214,26 @@ def elbo_analytic_kl(
 
     ``ELBO(x) ~= (1/S) sum_s log p(x | z_s) - KL(q(z | x) || p(z))``, ``z_s = mu + sigma eps_s``,
     where ``KL = 1/2 sum_j (mu_j^2 + sigma_j^2 - 1 - log sigma_j^2)`` (Kingma and Welling 2014,
-    appendix B), here from ``torch.distributions.kl_divergence``.
+    appendix B; :func:`kl_standard_normal`). The pathwise estimator of the training loss
+    (:func:`loss`), written out: no distribution objects on the hot path.
     """
-    q, _, log_likelihood = _sample_terms(model, x, num_samples, eps, generator)
-    return log_likelihood.mean(0) - kl_divergence(q, model.prior())  # (B,)
+    mu, log_sigma = _check_model(model).encoder_params(x)  # (B, z_dim) each
+    # one draw per data point (the default): no sample dimension, whose broadcasts cost a tenth
+    # of a training step; the same numbers as with it
+    one = num_samples == 1 and eps is None
+    z = reparameterize(mu, log_sigma.exp(), None if one else num_samples, eps=eps, generator=generator)
+    log_likelihood = model.log_likelihood(z, x)  # (B,), or (S, B)
+    return (log_likelihood if one else log_likelihood.mean(0)) - kl_standard_normal(mu, log_sigma)
+
+
+def kl_standard_normal(mu: Tensor, log_sigma: Tensor) -> Tensor:
+    """``KL(N(mu, diag sigma^2) || N(0, I)) = 1/2 sum_j (mu_j^2 + sigma_j^2 - 1) - sum_j log sigma_j``.
+
+    mu, log_sigma: ``(..., z_dim)``; returns ``(...)``. Equal to
+    ``kl_divergence(Independent(Normal(mu, sigma), 1), Independent(Normal(0, 1), 1))`` to rounding
+    (``tests/test_vae.py``), without building the three distributions.
+    """
+    return 0.5 * (mu.square() + (2 * log_sigma).exp() - 1).sum(-1) - log_sigma.sum(-1)
 
 
 def elbo_monte_carlo_kl(
@@ -232,7 +282,7 @@ def elbo_estimate(
     q = model.encode(x)  # batch (B,), event (z_dim,)
 
     def log_likelihood(z: Tensor) -> Tensor:  # (S, B, z_dim) -> (S, B)
-        return model.decode(z).log_prob(x)
+        return model.log_likelihood(z, x)
 
     if estimator == "pathwise":
         est = pathwise(log_likelihood, q, num_samples, generator=generator)
@@ -254,7 +304,12 @@ def loss(
     """``-(1/B) sum_b ELBO(x_b)`` as a surrogate for :func:`companion.train.train`.
 
     Use ``functools.partial(loss, estimator="score_function", num_samples=4)`` as ``loss_fn``.
+    The pathwise loss is ``-elbo_analytic_kl(...).mean()``: the same estimator and the same
+    draws as :func:`elbo_estimate` with ``estimator="pathwise"``, without its generic machinery
+    (the training step's hot path; ``benchmarks/training.py`` times it).
     """
+    if estimator == "pathwise":
+        return -elbo_analytic_kl(model, x, num_samples=num_samples, generator=generator).mean()
     est = elbo_estimate(model, x, estimator=estimator, num_samples=num_samples, baseline=baseline,
                         generator=generator)
     return -est.surrogate / x.shape[0]
@@ -276,7 +331,7 @@ def evaluate_elbo(
 
     Computed in chunks of ``batch_size`` rows on the model's device, with the model in eval
     mode. Pass the same ``generator`` seed to compare models with the same noise (common random
-    numbers), as chapter *Variational autoencoders* and ``benchmarks/vae_step.py`` do.
+    numbers), as chapter *Variational autoencoders* and ``benchmarks/training.py`` do.
     """
     _check_model(model)
     _check_x(model, x)
