@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make book   build the HTML site into _build/html (math typeset offline)
 #   make test   run the unit tests and re-execute every chapter under nbval
+# and one measures: make bench (benchmarks/results/<device>/; BENCH_OPTS="--device cuda", "--quick")
 # Both create .venv if it is missing. A torch already installed in .venv is kept (install your
 # CUDA build there first for a GPU); otherwise TORCH_SPEC, the CPU build, is installed.
 
@@ -12,8 +13,9 @@ MATHJAX_VERSION ?= 3.2.2
 MATHJAX := _vendor/mathjax
 BUILD_OPTS ?= -W --keep-going
 PYTEST_OPTS ?=
+BENCH_OPTS ?=
 
-.PHONY: book book-check test clean mathjax chromium
+.PHONY: book book-check test bench clean mathjax chromium
 
 book: $(VENV)/.installed-book $(MATHJAX)/tex-chtml.js
 	$(VENV)/bin/jupyter-book build . --builder html $(BUILD_OPTS)
@@ -32,6 +34,11 @@ chromium:
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest --nbval-lax --nbval-cell-timeout=600 --durations=10 $(PYTEST_OPTS)
+
+# the book's measured comparisons (python -m benchmarks): results/<device>/*.json, which the
+# appendix chapter "Benchmarks" renders; --quick for a few seconds each, --chapters for chapter times
+bench: $(VENV)/.installed-test
+	$(PY) -m benchmarks $(BENCH_OPTS)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

@@ -1,7 +1,10 @@
 """Per-example gradients of the diffusion schedule: copies of phi against ``per_sample_gradients``.
 
-    .venv/bin/python benchmarks/diffusion_per_sample.py            # the chapter's quick sizes
-    .venv/bin/python benchmarks/diffusion_per_sample.py --pairs 20000 --repeats 5
+    .venv/bin/python -m benchmarks.diffusion_per_sample            # the chapter's old count
+    .venv/bin/python -m benchmarks.diffusion_per_sample --pairs 20000 --repeats 5
+
+``python -m benchmarks`` runs it too (:func:`run`: 5,000 pairs in ``--quick``, 100,000 otherwise)
+and writes ``per_sample.json``.
 
 The diffusion chapter used to get one gradient per ``(x0, t)`` pair by giving each pair its own
 copy of the schedule's parameters ``phi`` (an ``(N, K)`` leaf) and one backward pass through
@@ -111,14 +114,69 @@ def _per_draw(method, eps_model, schedule, x0, t, eps):
 # --------------------------------------------------------------------------- timing
 
 
-def _median_ms(fn, repeats):
+def _median_ms(fn, repeats, device=torch.device("cpu")):
+    cuda = torch.device(device).type == "cuda"
     fn()  # warm-up (the first torch.func call also imports torch._dynamo)
     times = []
     for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
         start = time.perf_counter()
         fn()
+        if cuda:
+            torch.cuda.synchronize()
         times.append(1000 * (time.perf_counter() - start))
     return statistics.median(times), min(times), max(times)
+
+
+def measure(pairs: int, repeats: int, device: torch.device | str = "cpu") -> list[tuple]:
+    """``(objective, implementation, median ms, min ms, max ms)`` per variant, on ``device``.
+
+    Checks first that the two implementations return the same rows (relative error < 1e-9).
+    """
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    torch.manual_seed(0)
+    abar = dm.abar(dm.linear_betas()).to(device)
+    eps_model = dm.EpsMLP(2, hidden=64, depth=3).double().requires_grad_(False).to(device)
+    schedule = dm.MonotoneSchedule(abar, num_knots=32).to(device)
+    n = pairs
+    x0 = torch.randn(n, 2, generator=g, dtype=torch.float64, device=device)
+    t_int = torch.randint(1, dm.T + 1, (n,), generator=g, device=device)
+    eps = torch.randn(2, n, 2, generator=g, dtype=torch.float64, device=device)
+
+    rows = []
+    for method in ("pathwise", "score_function"):
+        old = _copy_per_sample(method, eps_model, schedule, x0, t_int, eps)
+        new = _per_draw(method, eps_model, schedule, x0, t_int, eps)
+        err = ((old - new).abs().max() / old.abs().max()).item()
+        if not err < 1e-9:
+            raise AssertionError(f"{method}: the two versions disagree (relative error {err:.2e})")
+        for name, fn in (("copies of phi (replaced)", _copy_per_sample), ("per_sample_gradients", _per_draw)):
+            ms = _median_ms(lambda: fn(method, eps_model, schedule, x0, t_int, eps), repeats, device)
+            rows.append((f"unweighted eps-MSE, {method}", name, *ms))
+    denoiser = dm.LogSNRDenoiser(eps_model, abar)
+    t_real = dm.sample_time(n, generator=g, device=device)
+    for method in ("pathwise", "score_function"):
+        baseline = "mean" if method == "score_function" else None
+        ms = _median_ms(lambda: dm.variance_gradient_samples(method, denoiser, schedule, x0, t_real, eps,
+                                                             baseline=baseline), repeats, device)
+        rows.append((f"E[L_hat^2] (chapter), {method}", "variance_gradient_samples", *ms))
+    return rows
+
+
+def run(out_dir: Path, *, quick: bool, device: torch.device, seed: int = 0) -> Path:
+    """The entry point's sub-benchmark: ``per_sample.json`` (5,000 pairs in quick, 100,000 full)."""
+    from ._common import write_result
+
+    started = time.perf_counter()
+    pairs, repeats = (5_000, 3) if quick else (100_000, 3)
+    rows = [{"objective": a, "implementation": b, "median_ms": m, "min_ms": lo, "max_ms": hi}
+            for a, b, m, lo, hi in measure(pairs, repeats, device)]
+    settings = {"pairs": pairs, "draws_per_pair": 2, "repeats": repeats, "knots": 32,
+                "denoiser": "EpsMLP(2, hidden=64, depth=3), float64", "clock": "wall (synchronized on CUDA)"}
+    return write_result(out_dir, "per_sample", device=device, profile="quick" if quick else "full",
+                        settings=settings, rows=rows, started=started)
 
 
 def main() -> None:
@@ -129,34 +187,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = parser.parse_args()
     threads = use_threads(args.threads)
-
-    g = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    abar = dm.abar(dm.linear_betas())
-    eps_model = dm.EpsMLP(2, hidden=64, depth=3).double().requires_grad_(False)
-    schedule = dm.MonotoneSchedule(abar, num_knots=32)
+    rows = measure(args.pairs, args.repeats)
     n = args.pairs
-    x0 = torch.randn(n, 2, generator=g, dtype=torch.float64)
-    t_int = torch.randint(1, dm.T + 1, (n,), generator=g)
-    eps = torch.randn(2, n, 2, generator=g, dtype=torch.float64)
-
-    rows = []
-    for method in ("pathwise", "score_function"):
-        old = _copy_per_sample(method, eps_model, schedule, x0, t_int, eps)
-        new = _per_draw(method, eps_model, schedule, x0, t_int, eps)
-        err = ((old - new).abs().max() / old.abs().max()).item()
-        assert err < 1e-9, f"{method}: the two versions disagree (relative error {err:.2e})"
-        for name, fn in (("copies of phi (replaced)", _copy_per_sample), ("per_sample_gradients", _per_draw)):
-            ms = _median_ms(lambda: fn(method, eps_model, schedule, x0, t_int, eps), args.repeats)
-            rows.append((f"unweighted eps-MSE, {method}", name, *ms))
-    denoiser = dm.LogSNRDenoiser(eps_model, abar)
-    t_real = dm.sample_time(n, generator=g)
-    for method in ("pathwise", "score_function"):
-        baseline = "mean" if method == "score_function" else None
-        ms = _median_ms(lambda: dm.variance_gradient_samples(method, denoiser, schedule, x0, t_real, eps,
-                                                             baseline=baseline), args.repeats)
-        rows.append((f"E[L_hat^2] (chapter), {method}", "variance_gradient_samples", *ms))
-
     lines = [
         f"Per-pair schedule gradients, {n:,} pairs x 2 draws, K = 32, EpsMLP(2, 64, 3) float64; "
         f"torch {torch.__version__}, {threads} thread(s), {platform.processor() or platform.machine()}",

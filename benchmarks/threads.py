@@ -8,7 +8,9 @@ torch's default (``COMPANION_THREADS=default``)} x {idle, one busy process}. The
 a pure-Python loop (one core, like a reader's browser tab or a neighbour on a shared CI runner),
 started by this script before the loaded runs and stopped after them. A chapter is executed as
 the book build does (nbclient, a fresh kernel in the chapter's folder) and timed from kernel
-start to the last cell. The table goes to stdout and to ``benchmarks/results/threads.md``.
+start to the last cell. The table goes to stdout and to ``benchmarks/results/cpu/threads.md``
+(the thread policy is a CPU matter). Not part of ``python -m benchmarks``, since it executes every
+chapter four times; ``python -m benchmarks --chapters`` times each chapter once.
 """
 from __future__ import annotations
 
@@ -77,7 +79,7 @@ def busy_process():
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("chapters", nargs="*", help="chapter files (default: every chapter of _toc.yml)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "threads.md"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu" / "threads.md"))
     args = parser.parse_args()
     chapters = [Path(c).resolve() for c in args.chapters] or chapters_from_toc()
     times: dict[tuple[str, str, str], float] = {}
