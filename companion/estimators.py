@@ -28,10 +28,11 @@ act per batch element, and ``surrogate`` is the sum over the batch of each eleme
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -213,24 +214,30 @@ def _pathwise_terms(f, dist, sample_shape, num_samples, generator, eps=None):
     return fx, fx
 
 
+def _check_baseline(baseline: Baseline, num_samples: int) -> None:
+    """The baseline's kind (its values are checked by :func:`_baseline_values`)."""
+    if baseline is None or callable(baseline):
+        return
+    if isinstance(baseline, (int, float, Tensor)) and not isinstance(baseline, bool):
+        return
+    if not isinstance(baseline, str) or baseline != "mean":
+        raise ValueError(f"baseline must be None, a number, a tensor, 'mean' or a callable, got {baseline!r}")
+    if num_samples < 2:
+        raise ValueError("baseline='mean' needs num_samples >= 2 (it averages the other samples)")
+
+
 def _baseline_values(baseline: Baseline, fx: Tensor) -> Tensor | float:
     """b_i for each sample; fx is detached. b_i must not depend on f(x_i) to stay unbiased."""
+    _check_baseline(baseline, fx.shape[0])
     if baseline is None:
         return 0.0
     if isinstance(baseline, str):
-        if baseline != "mean":
-            raise ValueError(f"baseline must be None, a number, a tensor, 'mean' or a callable, got {baseline!r}")
-        n = fx.shape[0]
-        if n < 2:
-            raise ValueError("baseline='mean' needs num_samples >= 2 (it averages the other samples)")
         # leave-one-out: b_i = (sum_j f_j - f_i) / (S - 1), independent of x_i
-        return (fx.sum(0, keepdim=True) - fx) / (n - 1)
+        return (fx.sum(0, keepdim=True) - fx) / (fx.shape[0] - 1)
     if callable(baseline):
         b = torch.as_tensor(baseline(fx), dtype=fx.dtype, device=fx.device).detach()
-    elif isinstance(baseline, (int, float, Tensor)) and not isinstance(baseline, bool):
-        b = torch.as_tensor(baseline, dtype=fx.dtype, device=fx.device).detach()
     else:
-        raise ValueError(f"baseline must be None, a number, a tensor, 'mean' or a callable, got {baseline!r}")
+        b = torch.as_tensor(baseline, dtype=fx.dtype, device=fx.device).detach()
     try:
         fits = torch.broadcast_shapes(b.shape, fx.shape) == fx.shape
     except RuntimeError:
@@ -243,13 +250,35 @@ def _baseline_values(baseline: Baseline, fx: Tensor) -> Tensor | float:
 def _score_terms(f, dist, sample_shape, num_samples, generator, baseline=None, eps=None):
     x = _draw(dist, sample_shape, eps, generator, path=False)
     fx = _f_values(f, x, num_samples, _batch_shape(dist, sample_shape))  # keeps f's own parameters
-    b = _baseline_values(baseline, fx.detach())
     if not torch.is_grad_enabled():  # no gradient wanted: the surrogate is f itself
+        _check_baseline(baseline, fx.shape[0])
         return fx, fx
-    log_p = _log_prob_like(dist, x, fx)
+    b = _baseline_values(baseline, fx.detach())
+    if eps is None:  # x was drawn from dist here: checking it against dist's support is moot
+        with _validation(False):
+            log_p = _log_prob_like(dist, x, fx)
+    else:  # x = g(eps, theta) from the caller's eps: torch's checks apply
+        log_p = _log_prob_like(dist, x, fx)
     weight = fx.detach() if baseline is None else fx.detach() - b
     # s = f + (f - b) * (log p - stop_grad(log p)):  value f, gradient grad f + (f - b) grad log p
     return fx, fx + weight * (log_p - log_p.detach())
+
+
+@contextlib.contextmanager
+def _validation(enabled: bool) -> Iterator[None]:
+    """torch.distributions' default argument validation set to ``enabled`` inside the block.
+
+    A distribution built without an explicit ``validate_args`` reads the default when it checks
+    a value, so this reaches ``log_prob``'s support check of the samples an estimator drew
+    itself (Pyro's ``validation_enabled`` toggles the same default); an explicit
+    ``validate_args=True`` still checks.
+    """
+    previous = Distribution._validate_args
+    Distribution.set_default_validate_args(enabled)
+    try:
+        yield
+    finally:
+        Distribution.set_default_validate_args(previous)
 
 
 _SQRT_2PI = math.sqrt(2 * math.pi)

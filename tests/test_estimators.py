@@ -75,6 +75,19 @@ def test_score_function_draws_the_numbers_of_sample():
     assert torch.equal(x[0], reference) and torch.equal(est.value, reference.mean())
 
 
+def test_score_function_checks_only_the_samples_it_did_not_draw(monkeypatch):
+    # samples drawn from dist itself skip log_prob's support check; samples made from the
+    # caller's eps keep it
+    mu, sigma = _params()
+    q = Normal(mu, sigma)
+    checked = []
+    monkeypatch.setattr(q, "_validate_sample", lambda value: checked.append(value.shape))
+    score_function(torch.cos, q, 8, generator=torch.Generator().manual_seed(1)).surrogate.backward()
+    assert checked == [] and torch.distributions.Distribution._validate_args  # default restored
+    score_function(torch.cos, q, 8, eps=torch.randn(8, dtype=torch.float64)).surrogate.backward()
+    assert checked == [(8,)]
+
+
 def test_pathwise_needs_rsample():
     rate = torch.tensor(2.0, requires_grad=True)
     with pytest.raises(ValueError, match="has_rsample"):
