@@ -227,9 +227,11 @@ def solve_sensitivities(
 
 
 def _solve_sensitivities(log_k, times, rtol, atol, method, calls=None) -> Sensitivities:
+    log_k = log_k.detach().clone()  # own memory: forward AD cannot take an expanded primal
     num_params = log_k.shape[-1]
     directions = torch.eye(num_params, dtype=log_k.dtype, device=log_k.device)
-    directions = directions.expand(*log_k.shape[:-1], num_params, num_params)  # column j: e_j
+    # column j is e_j, for every batch entry (a copy: forward AD cannot take an expanded tangent)
+    directions = directions.expand(*log_k.shape[:-1], num_params, num_params).clone()
 
     def f(y: Tensor, theta: Tensor) -> Tensor:
         return reaction_rates(y, theta.exp())
@@ -255,12 +257,15 @@ def _solve_sensitivities(log_k, times, rtol, atol, method, calls=None) -> Sensit
 def consecutive_reactions(log_k: Tensor, times: Tensor) -> Tensor:
     """The closed-form solution of A -> B -> C (``P = 2``): ``(T, *batch, 3)``, differentiable.
 
-    ``A = exp(-k_1 t)``, ``C = 1 - A - B`` and, written so that it stays exact as
-    ``k_2 -> k_1``::
+    ``A = exp(-k_1 t)``, ``C = 1 - A - B`` and, written so that it stays accurate as
+    ``k_2 -> k_1`` and finite for any rates::
 
-        B = k_1 / (k_2 - k_1) (exp(-k_1 t) - exp(-k_2 t)) = k_1 t exp(-k_1 t) phi((k_2 - k_1) t),
+        B = k_1 / (k_2 - k_1) (exp(-k_1 t) - exp(-k_2 t))
+          = k_1 t exp(-min(k_1, k_2) t) phi(|k_2 - k_1| t),
 
-    with ``phi(x) = (1 - exp(-x)) / x = -expm1(-x) / x`` and ``phi(0) = 1``.
+    with ``phi(x) = (1 - exp(-x)) / x = -expm1(-x) / x`` in ``(0, 1]`` for ``x >= 0`` and
+    ``phi(0) = 1``. (At exactly ``k_1 = k_2`` autograd differentiates one branch of ``min`` and
+    ``|.|``; :func:`consecutive_sensitivities` gives the derivative for ``k_1 != k_2``.)
     """
     _check_log_k(log_k)
     _check_times(times)
@@ -269,10 +274,10 @@ def consecutive_reactions(log_k: Tensor, times: Tensor) -> Tensor:
     k1, k2 = log_k.exp().unbind(-1)
     t = times.reshape(-1, *([1] * k1.dim()))  # (T, 1, ..., 1) against (*batch,)
     a = torch.exp(-k1 * t)
-    x = (k2 - k1) * t
+    x = (k2 - k1).abs() * t
     safe = torch.where(x == 0, torch.ones_like(x), x)
     phi = torch.where(x == 0, torch.ones_like(x), -torch.expm1(-safe) / safe)
-    b = k1 * t * a * phi
+    b = k1 * t * torch.exp(-torch.minimum(k1, k2) * t) * phi
     return torch.stack([a, b, 1 - a - b], -1)
 
 
