@@ -192,8 +192,10 @@ def solve(
 class Sensitivities(NamedTuple):
     """The solution and its sensitivities at the observation times.
 
-    y: ``(T, *batch, P + 1)``, the concentrations.
-    s: ``(T, *batch, P + 1, P)``, ``s[..., i, j] = d y_i / d log k_j``.
+    y
+        ``(T, *batch, P + 1)``, the concentrations.
+    s
+        ``(T, *batch, P + 1, P)``, ``s[..., i, j] = d y_i / d log k_j``.
     """
 
     y: Tensor
@@ -406,9 +408,12 @@ def log_likelihood_gradient(
 class GridPosterior(NamedTuple):
     """The exact posterior of ``(log k_1, log k_2)`` on a grid.
 
-    log_k1, log_k2: ``(G1,)``, ``(G2,)``, the grid's axes (evenly spaced).
-    density:        ``(G1, G2)``, ``p(theta | data)``, normalized so that it sums to 1 / cell area.
-    mean, cov:      ``(2,)``, ``(2, 2)``, the posterior mean and covariance by quadrature.
+    log_k1, log_k2
+        ``(G1,)``, ``(G2,)``, the grid's axes (evenly spaced).
+    density
+        ``(G1, G2)``, ``p(theta | data)``, normalized so that it sums to 1 / cell area.
+    mean, cov
+        ``(2,)``, ``(2, 2)``, the posterior mean and covariance by quadrature.
     """
 
     log_k1: Tensor
@@ -452,9 +457,12 @@ def grid_posterior(
 class VIFit(NamedTuple):
     """Gaussians ``q(log k) = N(loc, L L^T)`` fitted by :func:`fit_vi`, one per run.
 
-    loc:        ``(R, P)``.
-    scale_tril: ``(R, P, P)``, lower-triangular ``L``.
-    elbo:       ``(num_steps, R)``, the Monte Carlo ELBO of every step.
+    loc
+        ``(R, P)``.
+    scale_tril
+        ``(R, P, P)``, lower-triangular ``L``.
+    elbo
+        ``(num_steps, R)``, the Monte Carlo ELBO of every step.
     """
 
     loc: Tensor
@@ -573,13 +581,16 @@ class _Saved:
 class GradientCost(NamedTuple):
     """What one gradient of :func:`gradient_cost` cost.
 
-    seconds:              wall-clock time, the fastest of the repeats.
-    saved_bytes:          peak bytes of tensors held for the backward pass (0: no backward pass).
-    forward_evaluations:  calls of the vector field while solving forward in time (for
-                          ``"forward"``: of the augmented field, each ``P`` Jacobian-vector
-                          products).
-    backward_evaluations: calls of the vector field in the backward pass (the adjoint's
-                          backward solve; 0 for the other two).
+    seconds
+        Wall-clock time, the fastest of the repeats.
+    saved_bytes
+        Peak bytes of tensors held for the backward pass (0: no backward pass).
+    forward_evaluations
+        Calls of the vector field while solving forward in time (for ``"forward"``: of the
+        augmented field, each ``P`` Jacobian-vector products).
+    backward_evaluations
+        Calls of the vector field in the backward pass (the adjoint's backward solve; 0 for
+        the other two).
     """
 
     seconds: float

@@ -309,9 +309,12 @@ def lognormal_restricted_mean(tau: float, mu, sigma) -> Tensor:
 class SurvivalVI(NamedTuple):
     """``q(mu, log sigma) = N(loc, L L^T)`` fitted by :func:`fit_lognormal_vi`, one per run.
 
-    loc:        ``(R, 2)``, the means of ``(mu, log sigma)``.
-    scale_tril: ``(R, 2, 2)``, lower-triangular ``L``.
-    elbo:       ``(num_steps, R)``, the Monte Carlo ELBO of every step.
+    loc
+        ``(R, 2)``, the means of ``(mu, log sigma)``.
+    scale_tril
+        ``(R, 2, 2)``, lower-triangular ``L``.
+    elbo
+        ``(num_steps, R)``, the Monte Carlo ELBO of every step.
     """
 
     loc: Tensor
