@@ -380,7 +380,7 @@ def _moments_2d(logits, loc, scale):
 def test_2d_gradients_match_closed_forms():
     params = _params(LOGITS_2D, LOC_2D, SCALE_2D)
     moments = _moments_2d(*params)
-    n = 100_000
+    n = 50_000
     copies = _copies(params, n)
     x = _mixture(*copies).rsample()  # (n, 2)
     fs = [x[:, 0], x[:, 1], x[:, 0] * x[:, 1], x[:, 1] ** 2]
