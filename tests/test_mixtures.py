@@ -16,7 +16,7 @@ from torch.distributions import (
     Normal,
 )
 
-from companion.estimators import mc_summary, variance_stderr
+from companion.estimators import mc_summary, per_sample_gradients, variance_stderr
 from companion.mixtures import (
     ReparameterizedMixture,
     _implicit_reparameterize,
@@ -307,6 +307,33 @@ def test_2d_gradients_equal_the_implicit_function_of_the_distributional_transfor
         first, second = _mp_derivatives(lambda th, c=coord: _mp_solve_2d(th, point, targets, c), theta0)
         assert np.allclose(g, first, rtol=1e-10, atol=1e-12), (coord, g, first)
         assert np.allclose(h, second, rtol=1e-6, atol=1e-8), (coord, h, second)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap over log_ndtr
+def test_torch_func_per_sample_gradients_and_hessians_agree_with_autograd():
+    # per_sample_gradients (vmap of grad) of f(x(theta)) equals one backward pass over copies;
+    # torch.func.hessian equals double backward
+    params = dict(zip(["logits", "loc", "scale"], _params(LOGITS, LOC, SCALE)))
+    params = {k: v.detach() for k, v in params.items()}
+
+    def mix(p):
+        return MixtureSameFamily(Categorical(logits=p["logits"], validate_args=False),
+                                 Normal(p["loc"], p["scale"], validate_args=False), validate_args=False)
+
+    x0 = mix(params).sample((50,))
+
+    def program(p, x):
+        return _implicit_reparameterize(mix(p), x) ** 2
+
+    per_sample = per_sample_gradients(program, params, x0)
+    rows = dict(zip(params, _copies(tuple(params.values()), 50)))
+    reference = torch.autograd.grad((_implicit_reparameterize(mix(rows), x0) ** 2).sum(), list(rows.values()),
+                                    create_graph=True)
+    for name, ref in zip(params, reference):
+        assert torch.allclose(per_sample[name], ref, rtol=1e-12, atol=1e-14), name
+    hessian = torch.func.vmap(torch.func.hessian(program), in_dims=(None, 0))(params, x0[:5])
+    (second,) = torch.autograd.grad(reference[2][:5, 1].sum(), rows["scale"])
+    assert torch.allclose(hessian["scale"]["scale"][:, 1], second[:5], rtol=1e-10, atol=1e-12)
 
 
 def test_far_tail_sample_has_finite_gradients_in_float32_and_2d():
