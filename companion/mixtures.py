@@ -198,6 +198,7 @@ class ReparameterizedMixture(MixtureSameFamily):
         super().__init__(mixture_distribution, component_distribution, validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
+        """torch's ``MixtureSameFamily.expand``, returning a ``ReparameterizedMixture``."""
         new = self._get_checked_instance(ReparameterizedMixture, _instance)
         return super().expand(batch_shape, _instance=new)
 
