@@ -7,6 +7,7 @@ Modules are organised by what a reader cites (see the book's intro):
 - :mod:`companion.closed_forms`     exact Gaussian expectations used as references
 - :mod:`companion.distributions`    truncated normal/logistic, Kumaraswamy-Beta KL, clipping
 - :mod:`companion.relaxations`      Gumbel-max, Gumbel-Softmax, straight-through, annealing
+- :mod:`companion.mixtures`         a Gaussian mixture with an implicit ``rsample``; four routes
 - :mod:`companion.vi`               Gaussian variational inference on a conjugate model
 - :mod:`companion.sequence_design`  the protein-design toy (a Potts fitness over 20 letters)
 - :mod:`companion.two_sample`       energy distance and MMD, with permutation tests
