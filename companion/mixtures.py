@@ -37,7 +37,7 @@ from .estimators import Estimate, _check_num_samples, _f_values, pathwise, score
 from .relaxations import gumbel_softmax
 from .runtime import rng
 
-__all__ = ["ReparameterizedMixture", "implicit_rsample", "estimate"]
+__all__ = ["ReparameterizedMixture", "implicit_rsample", "implicit_reparameterize", "estimate"]
 
 _ROUTES = ("exact", "hybrid", "relaxed", "implicit")
 
@@ -117,7 +117,7 @@ def _exact_sample(mixture: MixtureSameFamily, sample_shape) -> Tensor:
     return mixture.sample(torch.Size(sample_shape))
 
 
-def _implicit_reparameterize(mixture: MixtureSameFamily, x: Tensor, *, passes: int = 2) -> Tensor:
+def implicit_reparameterize(mixture: MixtureSameFamily, x: Tensor, *, passes: int = 2) -> Tensor:
     """``x`` (an exact sample of ``mixture``, no graph) with the implicit gradient attached.
 
     Each coordinate takes ``passes`` Newton steps for ``F_d(x_d | x_<d; theta) = u_d``, started at
@@ -127,7 +127,15 @@ def _implicit_reparameterize(mixture: MixtureSameFamily, x: Tensor, *, passes: i
     squares), so autograd through two steps gives exact first *and* second derivatives. The
     conditional weights of coordinate ``d`` are computed from the stepped ``x_<d``, so backward
     through the loop is the forward substitution of the lower-triangular system.
+
+    Public so that a chosen point (a quantile, a far-tail value) can be given its implicit
+    gradient; :class:`ReparameterizedMixture` calls it on its own exact samples. Chapter
+    *Mixture distributions*; Figurnov, Mohamed and Mnih (2018).
     """
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got {type(x).__name__}")
+    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
+        raise ValueError(f"passes must be an int >= 1, got {passes!r}")
     normal = _normal_components(mixture.component_distribution)
     logits = mixture.mixture_distribution.logits  # (*mB, K)
     x = x.detach()
@@ -205,7 +213,7 @@ class ReparameterizedMixture(MixtureSameFamily):
     def rsample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
         """An exact sample of shape ``sample_shape + batch_shape + event_shape`` whose gradient
         is the implicit reparameterization gradient."""
-        return _implicit_reparameterize(self, _exact_sample(self, sample_shape))
+        return implicit_reparameterize(self, _exact_sample(self, sample_shape))
 
     def __repr__(self) -> str:
         return "Reparameterized" + super().__repr__()
@@ -224,7 +232,7 @@ def implicit_rsample(mixture: MixtureSameFamily, sample_shape=torch.Size(), *, g
     _check_mixture(mixture)
     with rng(generator):
         x = _exact_sample(mixture, sample_shape)
-    return _implicit_reparameterize(mixture, x)
+    return implicit_reparameterize(mixture, x)
 
 
 # --------------------------------------------------------------------------- gradient routes

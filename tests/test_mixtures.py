@@ -19,7 +19,7 @@ from torch.distributions import (
 from companion.estimators import mc_summary, per_sample_gradients, variance_stderr
 from companion.mixtures import (
     ReparameterizedMixture,
-    _implicit_reparameterize,
+    implicit_reparameterize,
     estimate,
     implicit_rsample,
 )
@@ -225,7 +225,7 @@ def _mp_derivatives(x_of_theta, theta0):
 
 def _torch_derivatives(mix_fn, theta, x0, dims):
     """Autograd first derivatives of each output and the diagonal of its Hessian."""
-    y = _implicit_reparameterize(mix_fn(theta), x0)
+    y = implicit_reparameterize(mix_fn(theta), x0)
     out = []
     for d in range(dims):
         (g,) = torch.autograd.grad(y.reshape(-1)[d], theta, create_graph=True)
@@ -323,11 +323,11 @@ def test_torch_func_per_sample_gradients_and_hessians_agree_with_autograd():
     x0 = mix(params).sample((50,))
 
     def program(p, x):
-        return _implicit_reparameterize(mix(p), x) ** 2
+        return implicit_reparameterize(mix(p), x) ** 2
 
     per_sample = per_sample_gradients(program, params, x0)
     rows = dict(zip(params, _copies(tuple(params.values()), 50)))
-    reference = torch.autograd.grad((_implicit_reparameterize(mix(rows), x0) ** 2).sum(), list(rows.values()),
+    reference = torch.autograd.grad((implicit_reparameterize(mix(rows), x0) ** 2).sum(), list(rows.values()),
                                     create_graph=True)
     for name, ref in zip(params, reference):
         assert torch.allclose(per_sample[name], ref, rtol=1e-12, atol=1e-14), name
@@ -340,7 +340,7 @@ def test_far_tail_sample_has_finite_gradients_in_float32_and_2d():
     # a 2-D point 30 component scales from every mean on both coordinates
     theta = torch.tensor(THETA_2D, dtype=torch.float32, requires_grad=True)
     x0 = torch.tensor([25.0, -25.0])
-    y = _implicit_reparameterize(_mix_2d(theta), x0)
+    y = implicit_reparameterize(_mix_2d(theta), x0)
     (g,) = torch.autograd.grad(y.sum(), theta)
     assert torch.equal(y.detach(), x0) and torch.isfinite(g).all()
 
