@@ -274,9 +274,18 @@ def test_minibatch_gradients_equal_autograd_and_agree_across_modes():
         net.zero_grad()
         F.cross_entropy(net(x[rows], noise=noise), y[rows]).backward()
         assert torch.allclose(grads["layers.1.weight_rho"][0], net.layers[1].weight_rho.grad, atol=1e-12)
-    # all four are unbiased for the same gradient: means agree within Z standard errors of the difference
+    # chunks of draws: the same draws when one chunk holds them all, fresh noise per chunk otherwise
+    net.mode = "flipout"
+    whole = minibatch_gradients(net, x, y, batch_size=8, num_batches=2000, generator=torch.Generator().manual_seed(1),
+                                chunk_size=2000)
+    assert torch.equal(whole["layers.1.weight_rho"], means["flipout"])
+    chunked = minibatch_gradients(net, x, y, batch_size=8, num_batches=2000,
+                                  generator=torch.Generator().manual_seed(2), chunk_size=300)
+    assert chunked["layers.0.weight_loc"].shape == (2000, 5, 6)
+    means["flipout, chunked"] = chunked["layers.1.weight_rho"]
+    # all are unbiased for the same gradient: means agree within Z standard errors of the difference
     ref = means["per_example"]
-    for mode in ("local", "shared", "flipout"):
+    for mode in ("local", "shared", "flipout", "flipout, chunked"):
         a, b = mc_summary(means[mode]), mc_summary(ref)
         assert torch.all((a.mean - b.mean).abs() <= Z * torch.hypot(a.stderr, b.stderr))
 

@@ -425,38 +425,50 @@ def minibatch_gradients(model: BayesMLP, x: Tensor, y: Tensor, *, batch_size: in
     Each draw takes ``batch_size`` rows of ``(x, y)`` without replacement and fresh weight noise
     in ``model.mode``, and returns ``grad_theta mean_batch -log p(y | x, W)`` for every parameter
     (the KL term of the ELBO is deterministic, so it shifts the gradient and adds no variance).
-    All draws run in one vectorized pass: the network is a pure function of its parameters and
-    its explicit noise (``torch.func.functional_call``), and
-    :func:`companion.estimators.per_sample_gradients` maps ``grad`` over the draws.
+    The draws run vectorized: the network is a pure function of its parameters and its explicit
+    noise (``torch.func.functional_call``), and :func:`companion.estimators.per_sample_gradients`
+    maps ``grad`` over the draws.
+
+    chunk_size
+        Draws per vectorized pass, ``None`` for all at once. The noise of one pass is drawn just
+        before it (rows first, then noise), so memory grows with ``chunk_size``, not ``R``: one
+        ``"per_example"`` draw holds ``batch_size`` weight matrices.
 
     Returns ``{name: (R, *shape)}`` for every parameter of ``model``.
     """
     _check_count("batch_size", batch_size)
     _check_count("num_batches", num_batches, 2)
+    if chunk_size is not None:
+        _check_count("chunk_size", chunk_size)
     if batch_size > x.shape[0]:
         raise ValueError(f"batch_size must be at most the number of rows {x.shape[0]}, got {batch_size}")
     device = model.layers[0].weight_loc.device
-    idx = torch.stack([torch.randperm(x.shape[0], generator=generator, device=device)[:batch_size]
-                       for _ in range(num_batches)])  # (R, B)
-    draws = [model.sample_noise(batch_size, generator=generator) for _ in range(num_batches)]
-    sizes = [len(layer_noise) for layer_noise in draws[0]]  # tensors per layer
-    flat = tuple(torch.stack([d[j][k] for d in draws])  # (R, ...) per noise tensor
-                 for j, m in enumerate(sizes) for k in range(m))
+    sizes = [len(shapes) for shapes in (layer.noise_shapes(batch_size) for layer in model.layers)]
+    starts = [sum(sizes[:j]) for j in range(len(sizes))]
     params = dict(model.named_parameters())
-    was_training = model.training
-    model.train()
 
     def program(p, batch):
         rows, *eps = batch  # one minibatch: (B,) row indices and its noise tensors
-        starts = [sum(sizes[:j]) for j in range(len(sizes))]
         noise = tuple(tuple(eps[a : a + m]) for a, m in zip(starts, sizes))
         logits = torch.func.functional_call(model, p, (x[rows],), {"noise": noise})
         return F.cross_entropy(logits, y[rows])
 
+    def chunk(n: int) -> dict[str, Tensor]:
+        idx = torch.stack([torch.randperm(x.shape[0], generator=generator, device=device)[:batch_size]
+                           for _ in range(n)])  # (n, B)
+        draws = [model.sample_noise(batch_size, generator=generator) for _ in range(n)]
+        flat = tuple(torch.stack([d[j][k] for d in draws])  # (n, ...) per noise tensor
+                     for j, m in enumerate(sizes) for k in range(m))
+        return per_sample_gradients(program, params, (idx, *flat))
+
+    was_training = model.training
+    model.train()
     try:
-        return per_sample_gradients(program, params, (idx, *flat), chunk_size=chunk_size)
+        step = num_batches if chunk_size is None else chunk_size
+        parts = [chunk(min(step, num_batches - a)) for a in range(0, num_batches, step)]
     finally:
         model.train(was_training)
+    return {name: torch.cat([part[name] for part in parts]) for name in params}
 
 
 def variance_terms(samples: Tensor) -> Tensor:
