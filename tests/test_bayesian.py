@@ -244,7 +244,7 @@ def test_one_unit_gradient_variances_match_the_closed_forms():
     # d/ds1 of (b - y)^2 / 2: separate weight samples x1^2 (r^2 + S^2) + x1^4 s1^2 = 4;
     # local (x1^4 s1^2 / S^2)(r^2 + 2 S^2) = 2.5; d/dmu1: x1^2 S^2 = 2 for both; means x1^2 s1 = 1, x1 r = -1
     for mode, var_s in (("per_example", 4.0), ("local", 2.5)):
-        g_mu, g_s = _one_unit_gradients(mode, 200_000)
+        g_mu, g_s = _one_unit_gradients(mode, 100_000)
         assert_mc_close(g_s, 1.0)
         assert_mc_close(g_mu, -1.0)
         assert abs(g_s.var() - var_s) <= Z * variance_stderr(g_s)
@@ -261,27 +261,27 @@ def test_minibatch_gradients_equal_autograd_and_agree_across_modes():
     means = {}
     for mode in MODES:
         net.mode = mode
-        grads = minibatch_gradients(net, x, y, batch_size=8, num_batches=2000,
+        grads = minibatch_gradients(net, x, y, batch_size=8, num_batches=1000,
                                     generator=torch.Generator().manual_seed(1))
         assert set(grads) == {name for name, _ in net.named_parameters()}
-        assert grads["layers.0.weight_loc"].shape == (2000, 5, 6)
+        assert grads["layers.0.weight_loc"].shape == (1000, 5, 6)
         means[mode] = grads["layers.1.weight_rho"]
         # the first draw by hand: same rows and noise, ordinary autograd
         g = torch.Generator().manual_seed(1)
         rows = torch.randperm(40, generator=g)[:8]
-        _ = [torch.randperm(40, generator=g) for _ in range(1999)]
+        _ = [torch.randperm(40, generator=g) for _ in range(999)]
         noise = net.sample_noise(8, generator=g)
         net.zero_grad()
         F.cross_entropy(net(x[rows], noise=noise), y[rows]).backward()
         assert torch.allclose(grads["layers.1.weight_rho"][0], net.layers[1].weight_rho.grad, atol=1e-12)
     # chunks of draws: the same draws when one chunk holds them all, fresh noise per chunk otherwise
     net.mode = "flipout"
-    whole = minibatch_gradients(net, x, y, batch_size=8, num_batches=2000, generator=torch.Generator().manual_seed(1),
-                                chunk_size=2000)
+    whole = minibatch_gradients(net, x, y, batch_size=8, num_batches=1000, generator=torch.Generator().manual_seed(1),
+                                chunk_size=1000)
     assert torch.equal(whole["layers.1.weight_rho"], means["flipout"])
-    chunked = minibatch_gradients(net, x, y, batch_size=8, num_batches=2000,
+    chunked = minibatch_gradients(net, x, y, batch_size=8, num_batches=1000,
                                   generator=torch.Generator().manual_seed(2), chunk_size=300)
-    assert chunked["layers.0.weight_loc"].shape == (2000, 5, 6)
+    assert chunked["layers.0.weight_loc"].shape == (1000, 5, 6)
     means["flipout, chunked"] = chunked["layers.1.weight_rho"]
     # all are unbiased for the same gradient: means agree within Z standard errors of the difference
     ref = means["per_example"]
