@@ -35,6 +35,7 @@ __all__ = [
     "NOISE",
     "PRIORS",
     "ScoreLaw",
+    "noise_size",
     "score_noise",
     "score_variance",
     "score_factor",
@@ -53,12 +54,15 @@ PRIORS = ("standard", "key")
 class ScoreLaw(NamedTuple):
     """The Gaussian law of the scores ``z = loc + L eps`` of every query, for each head.
 
-    loc:    ``mu``, the scaled dot-product scores ``(B, H, Q, K)``;
-    scale:  ``d > 0``, the diagonal part of ``L`` ``(B, H, Q, K)``;
-    factor: ``None`` (diagonal), the low-rank columns ``U`` ``(B, H, K, r)`` (lowrank), or the
-            strictly lower-triangular part ``T`` ``(B, H, K, K)`` of ``L`` (cholesky), shared by
-            the queries;
-    kind:   one of :data:`NOISE`.
+    loc
+        ``mu``, the scaled dot-product scores ``(B, H, Q, K)``.
+    scale
+        ``d > 0``, the diagonal part of ``L``, ``(B, H, Q, K)``.
+    factor
+        ``None`` (diagonal), the low-rank columns ``U`` ``(B, H, K, r)`` (lowrank), or the strictly
+        lower-triangular part ``T`` ``(B, H, K, K)`` of ``L`` (cholesky); shared by the queries.
+    kind
+        One of :data:`NOISE`.
     """
 
     loc: Tensor

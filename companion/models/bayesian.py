@@ -39,6 +39,7 @@ from ..estimators import per_sample_gradients
 
 __all__ = [
     "MODES",
+    "BayesLayer",
     "BayesLinear",
     "BayesConv2d",
     "BayesMLP",
@@ -102,8 +103,15 @@ def gaussian_kl(loc: Tensor, scale: Tensor, prior_scale: float) -> Tensor:
     return (math.log(prior_scale) - scale.log() + (scale**2 + loc**2) / (2 * p2) - 0.5).sum()
 
 
-class _BayesLayer(nn.Module):
-    """Parameters, prior, mode and KL shared by :class:`BayesLinear` and :class:`BayesConv2d`."""
+class BayesLayer(nn.Module):
+    """What :class:`BayesLinear` and :class:`BayesConv2d` share: the Gaussian weights and their prior.
+
+    Parameters ``weight_loc`` (the means ``mu``) and ``weight_rho`` (``s = softplus(rho)``), a
+    deterministic ``bias``; the attributes ``mode`` (one of :data:`MODES`, settable),
+    ``prior_scale`` and ``weight_scale``; and :meth:`kl`, the exact KL to the prior
+    ``N(0, prior_scale^2)`` on every weight. The initial means are those of ``nn.Linear`` and
+    ``nn.Conv2d`` (uniform on ``+-1/sqrt(fan_in)``), the initial scales ``init_scale``.
+    """
 
     def __init__(self, weight_shape: tuple[int, ...], out_features: int, fan_in: int, mode: str,
                  prior_scale: float, init_scale: float) -> None:
@@ -114,7 +122,6 @@ class _BayesLayer(nn.Module):
         self.weight_loc = nn.Parameter(torch.empty(weight_shape))
         self.weight_rho = nn.Parameter(torch.full(weight_shape, _inverse_softplus(init_scale)))
         self.bias = nn.Parameter(torch.empty(out_features))
-        # the initial means of nn.Linear / nn.Conv2d: uniform on +-1/sqrt(fan_in)
         bound = 1 / math.sqrt(fan_in)
         nn.init.uniform_(self.weight_loc, -bound, bound)
         nn.init.uniform_(self.bias, -bound, bound)
@@ -154,7 +161,7 @@ class _BayesLayer(nn.Module):
         return tuple(noise)
 
 
-class BayesLinear(_BayesLayer):
+class BayesLinear(BayesLayer):
     """A linear layer with Gaussian weights ``W ~ N(weight_loc, weight_scale^2)`` elementwise.
 
     ``weight_loc`` and ``weight_rho`` have shape ``(out, in)``; ``weight_scale = softplus(weight_rho)``;
@@ -225,7 +232,7 @@ def _pair(value, name: str) -> tuple[int, int]:
     return pair
 
 
-class BayesConv2d(_BayesLayer):
+class BayesConv2d(BayesLayer):
     """A 2-D convolution with Gaussian kernels ``W ~ N(weight_loc, weight_scale^2)`` elementwise.
 
     ``weight_loc`` and ``weight_rho`` have shape ``(out, in, kh, kw)``; ``bias`` ``(out,)`` is
