@@ -42,7 +42,7 @@ def _inputs(b=3, q=2, k=5, seed=1):
 
 
 def _law(layer, query, keys):
-    return layer.score_law(layer._heads(layer.q_proj(query)), layer._heads(layer.k_proj(keys)))
+    return layer.score_law(query, keys)
 
 
 # --------------------------------------------------------------------------- interface

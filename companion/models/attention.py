@@ -248,8 +248,16 @@ class LogisticNormalAttention(nn.Module):
             raise ValueError("mask must leave at least one key for every query")
         return mask.unsqueeze(1)  # (B, 1, Q, K): the same for every head
 
-    def score_law(self, q: Tensor, k: Tensor) -> ScoreLaw:
-        """The law of the scores from projected, per-head ``q`` ``(B, H, Q, hd)`` and ``k`` ``(B, H, K, hd)``."""
+    def score_law(self, query: Tensor, keys: Tensor) -> ScoreLaw:
+        """The law of the scores of ``query`` ``(B, Q, dim)`` over ``keys`` ``(B, K, dim)``.
+
+        Projects both and splits the heads, as :meth:`forward` does; the noise scale and the
+        factor are those of the current ``noise_scale``.
+        """
+        return self._law(self._heads(self.q_proj(query)), self._heads(self.k_proj(keys)))
+
+    def _law(self, q: Tensor, k: Tensor) -> ScoreLaw:
+        # q (B, H, Q, hd), k (B, H, K, hd): projected, per head
         mu = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)  # (B, H, Q, K)
         pre = (torch.einsum("bhqd,hd->bhq", q, self.scale_query).unsqueeze(-1)
                + torch.einsum("bhkd,hd->bhk", k, self.scale_key).unsqueeze(-2)
@@ -270,7 +278,7 @@ class LogisticNormalAttention(nn.Module):
         b, nq, nk = query.shape[0], query.shape[1], keys.shape[1]
         m = self._mask(mask, b, nq, nk)
         q, k, v = self._heads(self.q_proj(query)), self._heads(self.k_proj(keys)), self._heads(self.v_proj(values))
-        law = self.score_law(q, k)
+        law = self._law(q, k)
         z = law.loc
         if self.training and self.noise_scale > 0:
             if eps is None:
