@@ -166,8 +166,10 @@ class MarkovGaussian(nn.Module):
     (Archer et al. 2015 use this banded structure; Johnson et al. 2016 the same prior-times-
     potentials form). The exact posterior of the linear-Gaussian model is the member with
     ``pseudo = y`` and ``site_prec = 1 / o^2``, so the family contains it; because the family is
-    built on the prior, it follows the model's ``(a, b, s)`` as they are learned. Parameters
-    (free, in ``nn.Parameter`` s): ``pseudo`` ``(T,)`` and ``log_site_prec`` ``(T,)``.
+    built on the prior, it follows the model's ``(a, b, s)`` as they are learned. A proper
+    Gaussian prior on ``z_1`` (``init_scale`` in :func:`log_joint`) only adds to the first
+    site, so the family contains that posterior too. Parameters: ``pseudo`` and
+    ``log_site_prec``, both ``(T,)``.
 
     ``mean_field=True`` gives the independent family ``N(loc, diag(scale^2))`` instead
     (parameters ``pseudo`` as ``loc`` and ``log_site_prec`` as ``-2 log scale``), which ignores the
