@@ -71,8 +71,8 @@ def test_rollout_keeps_or_cuts_the_path():
 def test_policy_gradient_is_reproducible_and_batched():
     policy = _policy(copies=3)
     starts = S0.expand(3, 2)
-    one = policy_gradient("reinforce", policy, ENV, starts, 8, baseline="mean", generator=torch.Generator().manual_seed(2))
-    two = policy_gradient("reinforce", policy, ENV, starts, 8, baseline="mean", generator=torch.Generator().manual_seed(2))
+    one, two = (policy_gradient("reinforce", policy, ENV, starts, 8, baseline="mean",
+                                generator=torch.Generator().manual_seed(2)) for _ in range(2))
     assert one.value.shape == (3,) and torch.equal(one.value, two.value)
     one.surrogate.backward()
     assert policy.gain.grad.shape == (3, 1, 2)

@@ -1,7 +1,7 @@
 """Linear-quadratic control with Gaussian policies: exact costs, simulated costs, Riccati.
 
 Chapter *Stochastic optimal control*. The system is linear with Gaussian noise and the cost is
-quadratic (Anderson and Moore 1990; Bertsekas 2017, ch. 3)::
+quadratic (Anderson and Moore 1990; Bertsekas 2017)::
 
     x_{t+1} = a x_t + b u_t + noise_std w_t,        w_t ~ N(0, I),
     J = E[ sum_{t=0}^{T-1} (x_t' q x_t + u_t' r u_t) + x_T' q_final x_T ].
@@ -109,7 +109,7 @@ def expected_cost(
         J = sum_{t<T} [q (m_t^2 + v_t) + r (mu_t^2 + sigma_t^2)] + q_final (m_T^2 + v_T),
 
     with ``m_0 = x0``, ``v_0 = 0``. So ``J`` splits into a part of ``mu`` alone (the
-    deterministic plan) and ``sum_t c_t sigma_t^2`` with
+    deterministic plan), a constant from the process noise, and ``sum_t c_t sigma_t^2`` with
     ``c_t = r + b^2 sum_{s>t} q_s a^{2(s-t-1)} > 0``: noise in the actions only adds cost.
 
     mu, sigma:
@@ -236,9 +236,9 @@ def riccati(a, b, q, r, *, tol: float = 1e-12, max_iter: int = 100_000) -> tuple
 
     ``P = q + a' P a - a' P b (r + b' P b)^{-1} b' P a`` and ``K = (r + b' P b)^{-1} b' P a``:
     ``u = -K x`` minimizes ``sum_t (x_t' q x_t + u_t' r u_t)`` over an infinite horizon and
-    the minimum from ``x_0`` is ``x_0' P x_0`` (Anderson and Moore 1990, ch. 2; Bertsekas 2017,
-    sec. 3.1). With process noise of covariance ``W`` the same ``K`` is optimal and the
-    average cost per step is ``tr(P W)``.
+    the minimum from ``x_0`` is ``x_0' P x_0`` (Anderson and Moore 1990; Bertsekas 2017). With
+    process noise of covariance ``W`` the same ``K`` is optimal and the average cost per step is
+    ``tr(P W)``.
 
     Computed by the Riccati recursion (value iteration) from ``P = q`` until the largest change is
     at most ``tol`` times ``max(1, |P|)`` (``tol`` no smaller than 8 machine epsilons of the

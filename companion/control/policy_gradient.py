@@ -212,7 +212,7 @@ def rollout(policy: Policy, env: LinearQuadraticEnv, s0: Tensor, eps: Tensor, *,
         states.append(s)
         actions.append(a)
         rewards.append(reward)
-    return Trajectory(torch.stack(states, 1), torch.stack(actions, 1), torch.stack(rewards, 1), torch.stack(log_probs, 1))
+    return Trajectory(*(torch.stack(x, 1) for x in (states, actions, rewards, log_probs)))
 
 
 def episode_surrogates(
@@ -268,7 +268,8 @@ def policy_gradient(
         if not isinstance(s0, Tensor):
             raise ValueError("s0 must be a tensor of states (*B, n)")
         with rng(generator):
-            eps = torch.randn(num_episodes, env.horizon, *s0.shape[:-1], env.action_dim, dtype=s0.dtype, device=s0.device)
+            shape = (num_episodes, env.horizon, *s0.shape[:-1], env.action_dim)
+            eps = torch.randn(shape, dtype=s0.dtype, device=s0.device)
     elif generator is not None:
         raise ValueError("pass eps= or generator=, not both: eps fixes the noise already")
     elif not isinstance(eps, Tensor) or eps.shape[0] != num_episodes:
@@ -277,13 +278,15 @@ def policy_gradient(
     return Estimate(s.detach().mean(0), s.mean(0).sum())
 
 
-def expected_return(env: LinearQuadraticEnv, gain: Tensor, sigma: Tensor, s0: Tensor) -> Tensor:
-    """Exact expected return of ``a = -gain s + sigma eps`` from ``s0``, via :func:`~companion.control.lqg.feedback_cost`.
+def expected_return(env: LinearQuadraticEnv, gain: Tensor, sigma: Tensor | None, s0: Tensor) -> Tensor:
+    """Exact expected return of the linear Gaussian policy ``a = -gain s + sigma eps`` from ``s0``.
 
+    By :func:`~companion.control.lqg.feedback_cost`:
     ``E[sum_{t<H} r_t] = -(J - s0' q s0)``, where ``J`` is the linear-quadratic cost with
     ``q_final = q`` (it also charges the initial state, which no policy can change). ``gain``
     ``(..., m, n)`` and ``sigma`` ``(..., m)`` may carry a batch (one policy per seed); the result
-    has that batch shape. Differentiable in ``gain`` and ``sigma``.
+    has that batch shape; ``sigma=None`` for the deterministic policy ``a = -gain s``.
+    Differentiable in ``gain`` and ``sigma``.
     """
     cost = feedback_cost(gain, a=env.a, b=env.b, q=env.q, r=env.r, x0=s0, horizon=env.horizon, sigma=sigma)
     s0 = s0.to(env.q.dtype)

@@ -1,7 +1,7 @@
 """Autoregressive latents and linear-Gaussian state-space models, fitted by pathwise VI.
 
 Chapter *Autoregressive and state-space latents*. The latent path follows a first-order
-autoregression and is observed with noise (Durbin and Koopman 2012, ch. 2 and 3)::
+autoregression and is observed with noise (Durbin and Koopman 2012)::
 
     z_t = a z_{t-1} + b + s eps_t,      eps_t ~ N(0, 1),
     y_t = z_t + o nu_t,                 nu_t ~ N(0, 1),        t = 1, ..., T.
@@ -119,7 +119,7 @@ def log_joint(z: Tensor, y: Tensor, *, a, b, s, o, init_loc=None, init_scale=Non
 
     ``p(z_1) = N(init_loc, init_scale^2)``, or, with ``init_scale=None`` (the default), the flat
     improper prior ``p(z_1) = 1`` of a diffuse initialization: ``int p(y, z) dz`` is then the
-    exact diffuse likelihood of Durbin and Koopman (2012, sec. 5.2) up to ``-log(2 pi) / 2``.
+    exact diffuse likelihood of Durbin and Koopman (2012) up to ``-log(2 pi) / 2``.
     """
     if not isinstance(y, Tensor) or y.dim() != 1 or y.shape[0] < 1:
         raise ValueError(f"y must be a 1-D tensor of T >= 1 observations, got {y!r}")
@@ -321,7 +321,7 @@ def fit_local_level(
     averaging), which removes most of the Monte Carlo jitter.
 
     Since the family contains the exact posterior, the optimum is the exact-diffuse maximum
-    likelihood of Durbin and Koopman (2012, sec. 2.10 and 5.2), and ``q`` there is the
+    likelihood of Durbin and Koopman (2012), and ``q`` there is the
     smoothing distribution of the Kalman smoother; the reference is statsmodels'
     ``UnobservedComponents(y, "local level", use_exact_diffuse=True)``. ``mean_field=True`` fits
     the independent family instead (for comparison: it does not contain the posterior).
