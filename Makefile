@@ -13,11 +13,22 @@ MATHJAX := _vendor/mathjax
 BUILD_OPTS ?= -W --keep-going
 PYTEST_OPTS ?=
 
-.PHONY: book test clean mathjax
+.PHONY: book book-check test clean mathjax chromium
 
 book: $(VENV)/.installed-book $(MATHJAX)/tex-chtml.js
 	$(VENV)/bin/jupyter-book build . --builder html $(BUILD_OPTS)
 	@echo "The book is at file://$(CURDIR)/_build/html/index.html"
+
+# every page of the built site in headless Chromium (Debian's): math typeset, images loaded,
+# no console errors, no request leaving the machine, the navigation complete; screenshots
+book-check: $(VENV)/.installed-test chromium
+	$(PY) -m pytest site_tests -p no:cacheprovider $(PYTEST_OPTS)
+	@echo "Screenshots of the intro and of each part's first chapter: $(CURDIR)/_build/screenshots/"
+
+# Debian's chromium, when no Chromium is on the PATH (needs root, as on CI)
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest --nbval-lax --nbval-cell-timeout=600 --durations=10 $(PYTEST_OPTS)

@@ -12,6 +12,7 @@ Modules are organised by what a reader cites (see the book's intro):
 - :mod:`companion.two_sample`       energy distance and MMD, with permutation tests
 - :mod:`companion.models`           VAE, hierarchical and discrete VAEs, concrete dropout, DDPM
 - :mod:`companion.control`          policy gradients, state-space latents, linear-quadratic control
+- :mod:`companion.science`          cross-disciplinary science: molecules, causal inference
 - :mod:`companion.train`            the one training loop (progress bar, checkpoint/resume)
 - :mod:`companion.data`             data shipped with packages, generators, an MNIST IDX reader
 - :mod:`companion.plotting`         the book's figure style

@@ -409,8 +409,9 @@ def gradient_samples(
     variance is that of the leave-one-out estimator's terms, close to the variance with the
     exact mean as baseline for large ``S``.
 
-    eps: the standard noise ``(num_samples, *p.shape-derived batch, *event)`` (pathwise and
-    score function), for common random numbers; see :func:`reparameterize`.
+    eps: the standard noise, shape ``(num_samples, *batch_shape, *event_shape)`` of the
+    distribution ``dist_fn`` builds (pathwise and score function), for common random numbers;
+    see :func:`reparameterize`.
     """
     if method not in _TERMS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -454,11 +455,15 @@ def per_sample_gradients(
     path) and ``f(x) + stop_grad(f(x) - b) (log p_theta(x) - stop_grad(log p_theta(x)))`` as its
     value; a baseline ``b_i`` computed from the other draws enters as part of ``noise_i``.
 
-    program: ``program(params, noise_i) -> scalar``, written for *one* draw (no sample dimension).
-    params:  a tensor, or a tuple / list / dict of tensors (e.g. ``dict(module.named_parameters())``
-             used with ``torch.func.functional_call``): the point theta at which to differentiate.
-    noise:   a tensor, or a tuple / dict of tensors, each with the sample dimension ``S`` first.
-    chunk_size: draws per vectorized call (memory), ``None`` for all at once.
+    program
+        ``program(params, noise_i) -> scalar``, written for *one* draw (no sample dimension).
+    params
+        a tensor, or a tuple / list / dict of tensors (e.g. ``dict(module.named_parameters())``
+        used with ``torch.func.functional_call``): the point theta at which to differentiate.
+    noise
+        a tensor, or a tuple / dict of tensors, each with the sample dimension ``S`` first.
+    chunk_size
+        draws per vectorized call (memory), ``None`` for all at once.
 
     Returns the gradients in the structure of ``params``, each with a leading ``S``.
     Built on ``torch.func.vmap(torch.func.grad(program))``: one vectorized pass, no copies of the

@@ -7,6 +7,7 @@ Every sampling function takes ``gumbels=`` (or ``eps``-like noise) or ``generato
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -16,6 +17,7 @@ from torch import Tensor
 from torch.distributions import Distribution
 from torch.distributions.relaxed_categorical import ExpRelaxedCategorical
 
+from .estimators import per_sample_gradients
 from .runtime import rng
 
 __all__ = [
@@ -34,12 +36,34 @@ __all__ = [
 ]
 
 
-def _check_tau(tau) -> None:
+def _check_tau(tau):
+    """``tau``, checked to be positive and finite: a Python or NumPy real number or 0-d array
+    (returned as a Python ``float``), or a tensor (returned as is; every element positive and
+    finite, e.g. a 0-d tensor or one temperature per batch row)."""
     if isinstance(tau, Tensor):
-        if not torch.all(tau > 0):
-            raise ValueError(f"tau must be positive, got {tau}")
-    elif not (isinstance(tau, (int, float)) and tau > 0):
-        raise ValueError(f"tau must be a positive number, got {tau!r}")
+        if tau.dtype == torch.bool or tau.is_complex() or not torch.all(torch.isfinite(tau) & (tau > 0)):
+            raise ValueError(f"tau must be positive and finite, got {tau}")
+        return tau
+    if isinstance(tau, np.ndarray) and tau.ndim == 0:
+        tau = tau[()]
+    if isinstance(tau, (bool, np.bool_)) or not isinstance(tau, numbers.Real) or not (0 < tau < math.inf):
+        raise ValueError(f"tau must be a positive, finite number, got {tau!r}")
+    return float(tau)
+
+
+def _check_logits(logits: Tensor, name: str = "logits") -> Tensor:
+    """A tensor with a non-empty last dimension of classes; NaN refused while argument validation
+    is on (``torch.distributions.Distribution._validate_args``, as torch's distributions do)."""
+    if not isinstance(logits, Tensor) or not logits.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {type(logits).__name__}"
+                         + (f" of dtype {logits.dtype}" if isinstance(logits, Tensor) else ""))
+    if logits.dim() == 0 or logits.shape[-1] == 0:
+        raise ValueError(f"{name} must have a non-empty last dimension of classes, got shape {tuple(logits.shape)}")
+    # torch._is_any_true, as torch.distributions' own checks use: it works under torch.func.vmap
+    if Distribution._validate_args and torch._is_any_true(torch.isnan(logits)):
+        raise ValueError(f"{name} contain NaN (argument validation is on: "
+                         f"torch.distributions.Distribution.set_default_validate_args)")
+    return logits
 
 
 def sample_gumbel(shape, *, generator=None, dtype=None, device=None) -> Tensor:
@@ -60,8 +84,9 @@ def gumbel_max(logits: Tensor, *, gumbels: Tensor | None = None, generator=None)
     """An exact categorical sample: ``argmax_k (logits_k + G_k)`` with ``G_k`` i.i.d. Gumbel.
 
     ``P(argmax = k) = softmax(logits)_k`` (Gumbel 1954; Maddison et al. 2014). Returns indices of
-    shape ``logits.shape[:-1]``; not differentiable.
+    shape ``logits.shape[:-1]``; not differentiable. ``logits``: ``(..., K)`` with ``K >= 1``.
     """
+    _check_logits(logits)
     return (logits + _gumbels(logits, gumbels, generator)).argmax(-1)
 
 
@@ -71,15 +96,23 @@ def log_gumbel_softmax(logits: Tensor, tau, *, gumbels: Tensor | None = None, ge
     Finite for every ``tau > 0`` even where ``y`` itself underflows to 0 (``tau = 1e-3``); the
     natural input of :func:`relaxed_log_prob`.
     """
-    _check_tau(tau)
+    tau = _check_tau(tau)
+    _check_logits(logits)
     return F.log_softmax((logits + _gumbels(logits, gumbels, generator)) / tau, dim=-1)
 
 
 def straight_through(y_soft: Tensor) -> Tensor:
     """The one-hot ``argmax`` of ``y_soft`` in the forward pass, ``y_soft``'s gradient backward:
     ``one_hot(argmax y) - stop_grad(y) + y`` (Bengio et al. 2013; Jang et al. 2017)."""
-    index = y_soft.argmax(-1, keepdim=True)
-    y_hard = torch.zeros_like(y_soft).scatter_(-1, index, 1.0)
+    if not isinstance(y_soft, Tensor) or y_soft.dim() == 0 or y_soft.shape[-1] == 0:
+        shape = tuple(y_soft.shape) if isinstance(y_soft, Tensor) else type(y_soft).__name__
+        raise ValueError(f"y_soft must have a non-empty last dimension of classes, got {shape}")
+    return _straight_through(y_soft)
+
+
+def _straight_through(y_soft: Tensor) -> Tensor:
+    classes = torch.arange(y_soft.shape[-1], device=y_soft.device)
+    y_hard = (classes == y_soft.argmax(-1, keepdim=True)).to(y_soft.dtype)  # one-hot, vmap-safe
     return y_hard - y_soft.detach() + y_soft
 
 
@@ -91,11 +124,20 @@ def gumbel_softmax(
     As ``tau -> 0`` it tends to the one-hot Gumbel-max sample (low bias, gradient variance growing
     like ``1 / tau``); for large ``tau`` it tends to the uniform vector. ``hard=True`` returns the
     :func:`straight_through` one-hot. With the global generator it draws the same noise as
-    ``torch.nn.functional.gumbel_softmax``, and so returns the same sample.
+    ``torch.nn.functional.gumbel_softmax``, and so returns the same sample. ``logits``:
+    ``(..., K)`` with ``K >= 1``; NaN logits raise a ``ValueError`` while torch.distributions'
+    argument validation is on (its default, ``Distribution.set_default_validate_args``), and
+    are not looked at when it is off.
     """
-    _check_tau(tau)
-    y = F.softmax((logits + _gumbels(logits, gumbels, generator)) / tau, dim=-1)
-    return straight_through(y) if hard else y
+    tau = _check_tau(tau)
+    _check_logits(logits)
+    return _relaxed_sample(logits, _gumbels(logits, gumbels, generator), tau, hard)
+
+
+def _relaxed_sample(logits: Tensor, gumbels: Tensor, tau, hard: bool) -> Tensor:
+    """softmax((logits + G) / tau), or its straight-through one-hot: no checks (the hot path)."""
+    y = F.softmax((logits + gumbels) / tau, dim=-1)
+    return _straight_through(y) if hard else y
 
 
 def relaxed_log_prob(log_y: Tensor, logits: Tensor, tau) -> Tensor:
@@ -108,7 +150,8 @@ def relaxed_log_prob(log_y: Tensor, logits: Tensor, tau) -> Tensor:
     ``sum_k log y_k`` and overflows when a coordinate of ``y`` underflows, it stays finite at small
     ``tau``; a KL between two relaxed variables is the same in either coordinate system.
     """
-    _check_tau(tau)
+    tau = _check_tau(tau)
+    _check_logits(logits)
     tau = torch.as_tensor(tau, dtype=logits.dtype, device=logits.device)
     return ExpRelaxedCategorical(tau, logits=logits, validate_args=False).log_prob(log_y)
 
@@ -186,28 +229,42 @@ def gumbel_softmax_gradient_samples(
     hard: bool = False,
     gumbels: Tensor | None = None,
     generator=None,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """Per-sample pathwise gradients ``grad_logits f(y_s)``, ``y_s`` Gumbel-Softmax samples.
 
     ``y_s = softmax((logits + G_s) / tau)`` (or its :func:`straight_through` one-hot with
-    ``hard=True``). The logits are copied once per sample, so one backward pass gives all
-    ``num_samples`` gradients, shape ``(S, *logits.shape)``; their mean estimates
-    ``grad E[f(y)]`` of the relaxed objective, a biased estimate of the discrete gradient
-    ``grad E_{k ~ Cat(softmax(logits))}[f(onehot(k))]`` (chapter *Discrete choices*).
-    ``f`` maps ``(S, *logits.shape)`` to ``(S,)``. ``gumbels`` (shape ``(S, *logits.shape)``)
-    fixes the noise, e.g. to share it between temperatures.
+    ``hard=True``): the program ``f(y(logits, G))`` of the logits and of its own noise, handed to
+    :func:`companion.estimators.per_sample_gradients`, which returns one gradient per draw,
+    shape ``(S, *logits.shape)``. Their mean estimates ``grad E[f(y)]`` of the relaxed objective,
+    a biased estimate of the discrete gradient ``grad E_{k ~ Cat(softmax(logits))}[f(onehot(k))]``
+    (chapter *Discrete choices*). ``f`` maps a batch ``(n, *logits.shape)`` to ``(n,)``, one
+    value per sample (it is called on one draw at a time, as a batch of one). ``gumbels``
+    (shape ``(S, *logits.shape)``) fixes the noise, e.g. to share it between temperatures;
+    ``chunk_size`` draws per vectorized call bounds the memory.
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    if not callable(f):
+        raise ValueError(f"f must be callable, got {type(f).__name__}")
+    tau = _check_tau(tau)
+    _check_logits(logits)
     shape = (num_samples, *logits.shape)
-    copies = logits.detach().expand(shape).clone().requires_grad_(True)
-    y = gumbel_softmax(copies, tau, hard=hard, gumbels=gumbels, generator=generator)
-    fy = f(y)
-    if not isinstance(fy, Tensor) or tuple(fy.shape) != (num_samples,):
-        raise ValueError(f"f must map samples of shape {shape} to shape ({num_samples},), got "
-                         f"{tuple(fy.shape) if isinstance(fy, Tensor) else type(fy).__name__}")
-    (grad,) = torch.autograd.grad(fy.sum(), copies)
-    return grad
+    if gumbels is None:
+        gumbels = sample_gumbel(shape, generator=generator, dtype=logits.dtype, device=logits.device)
+    elif not isinstance(gumbels, Tensor) or gumbels.shape != shape:
+        got = tuple(gumbels.shape) if isinstance(gumbels, Tensor) else type(gumbels).__name__
+        raise ValueError(f"gumbels must have shape (num_samples, *logits.shape) = {shape}, got {got}")
+
+    def program(theta: Tensor, g: Tensor) -> Tensor:  # one draw: theta, g of shape logits.shape
+        fy = f(_relaxed_sample(theta, g, tau, hard).unsqueeze(0))
+        if not isinstance(fy, Tensor) or tuple(fy.shape) != (1,):
+            got = tuple(fy.shape) if isinstance(fy, Tensor) else type(fy).__name__
+            raise ValueError(f"f must map samples of shape (n, *{tuple(logits.shape)}) to shape (n,), "
+                             f"got {got} for n = 1")
+        return fy[0]
+
+    return per_sample_gradients(program, logits, gumbels, chunk_size=chunk_size)
 
 
 class GradientLimits(NamedTuple):

@@ -174,13 +174,16 @@ def sequence_string(sequence: Tensor, alphabet: str = AMINO_ACIDS) -> str:
 class DesignRun(NamedTuple):
     """logits: final ``(R, L, A)``; sequence: ``argmax`` of each run's logits, ``(R, L)``;
     fitness: ``F`` of each run's sequence, ``(R,)``; expected_fitness: exact ``E[F(s)]`` before
-    each step and after the last, ``(steps + 1, R)``; tau: the temperature of each step, ``(steps,)``."""
+    each step and after the last, ``(steps + 1, R)``; tau: the temperature of each step,
+    ``(steps,)``; sequences: the most probable sequence of each run before each step and after
+    the last, ``(steps + 1, R, L)`` (``sequences[t]`` is what a budget of ``t`` steps returns)."""
 
     logits: Tensor
     sequence: Tensor
     fitness: Tensor
     expected_fitness: Tensor
     tau: Tensor
+    sequences: Tensor
 
     @property
     def best(self) -> Tensor:
@@ -224,11 +227,12 @@ def optimize_design(
     init = torch.randn(shape[1:], generator=generator, dtype=model.h.dtype, device=model.h.device)
     logits = (init_scale * init).requires_grad_(True)
     optimizer = torch.optim.Adam([logits], lr=lr)
-    history, taus = [], []
+    history, taus, sequences = [], [], []
     for step in range(steps):
         tau_t = schedule(step)
         with torch.no_grad():
             history.append(expected_fitness(model, logits))
+            sequences.append(logits.argmax(-1))
         gumbels = sample_gumbel(shape, generator=generator, dtype=logits.dtype, device=logits.device)
         y = gumbel_softmax(logits.expand(shape), tau_t, gumbels=gumbels)  # (S, R, L, A)
         loss = -fitness(model, y).mean(0).sum()  # runs are independent: their losses add
@@ -240,5 +244,6 @@ def optimize_design(
         history.append(expected_fitness(model, logits))
     final = logits.detach()
     sequence = final.argmax(-1)
+    sequences.append(sequence)
     return DesignRun(final, sequence, sequence_fitness(model, sequence), torch.stack(history),
-                     torch.tensor(taus, dtype=final.dtype))
+                     torch.tensor(taus, dtype=final.dtype), torch.stack(sequences))

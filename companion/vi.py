@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Normal
 
-from .estimators import Estimate, gradient_samples, pathwise, score_function
+from .estimators import Estimate, _baseline_values, pathwise, per_sample_gradients, score_function
 from .runtime import rng
 
 __all__ = [
@@ -212,13 +212,25 @@ def elbo_gradient_samples(
     *,
     baseline=None,
     generator: torch.Generator | None = None,
+    eps: Tensor | None = None,
+    chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-sample estimates of ``(d/dmu, d/ds) ELBO`` at ``q = N(loc, scale^2)``: two ``(S,)`` tensors.
 
-    The estimators of :func:`elbo_estimate`, one sample each, from
-    :func:`companion.estimators.gradient_samples`: their mean is the estimate with ``S`` samples
-    and their variance the per-sample variance. With ``baseline="mean"`` each sample's baseline
-    is the mean of the other ``S - 1`` f-values.
+    The estimators of :func:`elbo_estimate`, one sample each, as programs of ``phi = (mu, s)`` and
+    of one standard normal ``eps_i``, handed to :func:`companion.estimators.per_sample_gradients`:
+
+    * pathwise: ``f(phi, eps_i) = log p(x, z_i) - log q_phi(z_i)`` with ``z_i = mu + s eps_i``;
+    * score function: ``z_i`` fixed (no path) and the surrogate
+      ``f_i + stop_grad(f_i - b_i) (log q_i - stop_grad(log q_i))``, ``log q_i = log q_phi(z_i)``,
+      whose gradient is ``(f_i - b_i) grad log q_i + grad f_i``.
+
+    Their mean is the estimate with ``S`` samples and their variance the per-sample variance.
+    ``baseline`` as in :func:`companion.estimators.score_function`; with ``baseline="mean"``
+    sample ``i``'s baseline is the mean of the other ``S - 1`` f-values (one shared leave-one-out
+    baseline, computed before the per-sample pass). ``eps`` (shape ``(S,)``) fixes the noise
+    instead of ``generator``, so the two methods can share their draws; ``chunk_size`` bounds the
+    memory of the vectorized pass.
     """
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
@@ -228,19 +240,37 @@ def elbo_gradient_samples(
     _check_data(x)
     if not (isinstance(scale, (int, float, Tensor)) and float(scale) > 0):
         raise ValueError(f"scale must be positive, got {scale!r}")
-    built: list[Normal] = []  # the q that gradient_samples builds from its per-sample copies
+    _check_count("num_samples", num_samples, 2 if baseline == "mean" else 1)
+    phi = tuple(torch.as_tensor(p, dtype=x.dtype, device=x.device).detach() for p in (loc, scale))
+    if eps is None:
+        with rng(generator):
+            eps = torch.empty(num_samples, dtype=x.dtype, device=x.device).normal_()
+    elif generator is not None:
+        raise ValueError("pass eps= or generator=, not both: eps fixes the noise already")
+    elif not isinstance(eps, Tensor) or eps.shape != (num_samples,):
+        got = tuple(eps.shape) if isinstance(eps, Tensor) else type(eps).__name__
+        raise ValueError(f"eps must have shape (num_samples,) = ({num_samples},), got {got}")
 
-    def q_fn(m: Tensor, s: Tensor) -> Normal:
-        built.append(Normal(m, s))
-        return built[-1]
+    def f(m: Tensor, s: Tensor, z: Tensor) -> Tensor:  # log p(x, z) - log q_phi(z), one draw
+        return log_joint(model, x, z) - Normal(m, s).log_prob(z)
 
-    def f(z: Tensor) -> Tensor:  # (S,) -> (S,): log p(x, z) - log q(z), with q's own parameters
-        return log_joint(model, x, z) - built[-1].log_prob(z)
+    if method == "pathwise":
+        def program(phi, e):  # z = mu + s eps keeps its path to phi
+            return f(*phi, phi[0] + phi[1] * e)
 
-    params = tuple(torch.as_tensor(p, dtype=x.dtype, device=x.device) for p in (loc, scale))
-    options = {} if baseline is None else {"baseline": baseline}
-    g_loc, g_scale = gradient_samples(method, f, q_fn, params, num_samples, generator=generator, **options)
-    return g_loc, g_scale
+        return per_sample_gradients(program, phi, eps, chunk_size=chunk_size)
+
+    z = phi[0] + phi[1] * eps  # the draws, without a path (phi is detached)
+    b = _baseline_values(baseline, f(*phi, z))  # f-values at phi: b_i never depends on f_i
+    b = torch.as_tensor(b, dtype=x.dtype, device=x.device).expand(num_samples)
+
+    def score_program(phi, draw):
+        z_i, b_i = draw
+        log_q = Normal(*phi).log_prob(z_i)
+        f_i = log_joint(model, x, z_i) - log_q
+        return f_i + (f_i - b_i).detach() * (log_q - log_q.detach())
+
+    return per_sample_gradients(score_program, phi, (z, b), chunk_size=chunk_size)
 
 
 class VIFit(NamedTuple):

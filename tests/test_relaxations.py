@@ -1,11 +1,12 @@
 """companion.relaxations: Gumbel-max, Gumbel-Softmax, straight-through, schedules, rejection."""
 import math
 
+import numpy as np
 import pytest
 import scipy.stats
 import torch
 import torch.nn.functional as F
-from torch.distributions import Normal, RelaxedOneHotCategorical
+from torch.distributions import Distribution, Normal, RelaxedOneHotCategorical
 
 from companion.relaxations import (
     exponential_annealing,
@@ -98,10 +99,62 @@ def test_relaxed_log_prob_is_normalized_for_two_categories():
     assert integral.item() == pytest.approx(1.0, rel=1e-6)
 
 
-@pytest.mark.parametrize("bad", [0.0, -1.0, "1"])
+@pytest.mark.parametrize("bad", [0.0, -1.0, "1", True, math.nan, math.inf, np.array([0.5]), np.float32(-0.5),
+                                 torch.tensor(0.0), torch.tensor([0.5, -0.1]), torch.tensor(True), None])
 def test_bad_tau_raises(bad):
     with pytest.raises(ValueError, match="tau"):
         gumbel_softmax(LOGITS, bad)
+
+
+@pytest.mark.parametrize("tau", [0.5, 2, np.float32(0.5), np.float64(0.5), np.int64(2), np.array(0.5),
+                                 torch.tensor(0.5), torch.tensor(0.5, dtype=torch.float32), torch.tensor(2)])
+def test_tau_may_be_a_numpy_scalar_or_a_0d_tensor(tau):
+    gumbels = sample_gumbel(LOGITS.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = torch.softmax((LOGITS + gumbels) / float(tau), -1)
+    assert torch.allclose(gumbel_softmax(LOGITS, tau, gumbels=gumbels), ref, rtol=1e-6)  # float32 tau: 1e-7
+    assert torch.isfinite(log_gumbel_softmax(LOGITS, tau, gumbels=gumbels)).all()
+    assert torch.isfinite(relaxed_log_prob(ref.log(), LOGITS, tau))
+
+
+@pytest.mark.parametrize("logits", [torch.empty(0), torch.empty(3, 0), torch.tensor(1.0)])
+def test_empty_class_dimension_is_a_value_error(logits):
+    for call in [lambda: gumbel_max(logits), lambda: gumbel_softmax(logits, 0.5),
+                 lambda: gumbel_softmax(logits, 0.5, hard=True), lambda: log_gumbel_softmax(logits, 0.5),
+                 lambda: straight_through(logits),
+                 lambda: gumbel_softmax_gradient_samples(lambda y: y.sum(-1), logits, 0.5, 3)]:
+        with pytest.raises(ValueError, match="last dimension"):
+            call()
+
+
+NAN_LOGITS = torch.tensor([[0.1, math.nan, 0.3], [0.2, 0.1, 0.0]], dtype=torch.float64)
+
+
+def test_nan_logits_raise_while_validation_is_on():
+    assert Distribution._validate_args  # torch's default (off only under python -O)
+    for call in [lambda: gumbel_max(NAN_LOGITS), lambda: gumbel_softmax(NAN_LOGITS, 0.5),
+                 lambda: log_gumbel_softmax(NAN_LOGITS, 0.5),
+                 lambda: relaxed_log_prob(torch.zeros(2, 3, dtype=torch.float64), NAN_LOGITS, 0.5),
+                 lambda: gumbel_softmax_gradient_samples(lambda y: y.sum((-2, -1)), NAN_LOGITS, 0.5, 3)]:
+        with pytest.raises(ValueError, match="NaN"):
+            call()
+
+
+def test_nan_check_costs_nothing_when_validation_is_off(monkeypatch):
+    # with validation off there is no check at all on the hot path: torch.isnan is never called,
+    # and NaN logits give NaN samples (the user's choice, as for torch's distributions)
+    previous = Distribution._validate_args
+    Distribution.set_default_validate_args(False)
+    try:
+        def no_isnan(*args, **kwargs):
+            raise AssertionError("torch.isnan called with validation off")
+
+        monkeypatch.setattr(torch, "isnan", no_isnan)
+        y = gumbel_softmax(NAN_LOGITS, 0.5, generator=torch.Generator().manual_seed(2))
+        gumbel_max(NAN_LOGITS, generator=torch.Generator().manual_seed(2))
+        monkeypatch.undo()
+        assert torch.isnan(y[0]).all() and torch.isfinite(y[1]).all()
+    finally:
+        Distribution.set_default_validate_args(previous)
 
 
 def test_gumbels_shape_is_checked():
@@ -199,6 +252,17 @@ def test_gradient_samples_interface():
         gumbel_softmax_gradient_samples(_cubic, K3_LOGITS, -1.0, 4)
 
 
+def test_gradient_samples_gumbels_shape_and_chunks():
+    gumbels = sample_gumbel((6, 3), generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    whole = gumbel_softmax_gradient_samples(_cubic, K3_LOGITS, 0.3, 6, gumbels=gumbels)
+    chunked = gumbel_softmax_gradient_samples(_cubic, K3_LOGITS, 0.3, 6, gumbels=gumbels, chunk_size=4)
+    assert torch.allclose(whole, chunked, rtol=1e-14, atol=0)
+    with pytest.raises(ValueError, match="gumbels must have shape"):
+        gumbel_softmax_gradient_samples(_cubic, K3_LOGITS, 0.3, 5, gumbels=gumbels)
+    with pytest.raises(ValueError, match="f must be callable"):
+        gumbel_softmax_gradient_samples("f", K3_LOGITS, 0.3, 5)
+
+
 def test_gradient_samples_match_one_autograd_pass_through_gumbel_softmax():
     # the per-sample gradients are those of f(gumbel_softmax(logits, tau, gumbels=G_s)) one at a time
     gumbels = sample_gumbel((5, 3), generator=torch.Generator().manual_seed(11), dtype=torch.float64)
@@ -266,3 +330,17 @@ def test_limits_arguments():
         gumbel_softmax_gradient_limits(_cubic, K3_LOGITS[None])
     with pytest.raises(ValueError, match="num_nodes"):
         gumbel_softmax_gradient_limits(_cubic, K3_LOGITS, num_nodes=1)
+
+
+def test_nan_check_works_inside_vmap():
+    # the check uses torch._is_any_true, like torch.distributions' validation, so that a program
+    # vectorized with torch.func.vmap keeps it
+    def program(logits, gumbels):
+        return gumbel_softmax(logits, 0.5, gumbels=gumbels).sum()
+
+    gumbels = sample_gumbel((4, 3), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert torch.func.vmap(program)(NAN_LOGITS[1].expand(4, 3).clone(), gumbels).shape == (4,)
+    bad = NAN_LOGITS[1].expand(4, 3).clone()
+    bad[2, 0] = math.nan
+    with pytest.raises(ValueError, match="NaN"):
+        torch.func.vmap(program)(bad, gumbels)

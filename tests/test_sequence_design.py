@@ -84,6 +84,11 @@ def test_optimize_design_shapes_and_determinism():
     again = optimize_design(m, 7, 0.5, num_runs=3, num_samples=4, generator=torch.Generator().manual_seed(1))
     assert torch.equal(run.logits, again.logits)
     assert sequence_string(torch.tensor([0, 19, 10])) == "AYM"
+    # sequences[t] is what a budget of t steps returns: the same generator replays the first t steps
+    assert run.sequences.shape == (8, 3, 3) and torch.equal(run.sequences[-1], run.sequence)
+    short = optimize_design(m, 4, 0.5, num_runs=3, num_samples=4, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(run.sequences[4], short.sequence)
+    assert torch.equal(run.sequences[:5], short.sequences)
 
 
 # --------------------------------------------------------------------------- correctness

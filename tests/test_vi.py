@@ -280,3 +280,50 @@ def test_score_function_fit_is_further_from_the_posterior():
         kl[method] = kl_divergence(Normal(fit.loc[-300:], fit.scale[-300:]), post).mean(0).log10()
     # every score-function run ends further from the posterior than every pathwise run
     assert kl["score_function"].min() > kl["pathwise"].max()
+
+
+def test_elbo_gradient_samples_equal_the_copy_per_sample_estimators():
+    # per_sample_gradients (vmap over grad) against companion.estimators.gradient_samples, which
+    # copies (mu, s) once per sample and backpropagates once, on the same noise
+    from companion.estimators import gradient_samples
+
+    x = _data()
+    eps = torch.randn(500, dtype=torch.float64, generator=torch.Generator().manual_seed(15))
+    for method, baseline in [("pathwise", None), ("score_function", None), ("score_function", "mean")]:
+        got = elbo_gradient_samples(method, MODEL, x, 0.4, 0.7, 500, baseline=baseline, eps=eps)
+        built = []
+
+        def q_fn(m, s):
+            built.append(Normal(m, s))
+            return built[-1]
+
+        def f(z):
+            return log_joint(MODEL, x, z) - built[-1].log_prob(z)
+
+        params = (torch.tensor(0.4, dtype=torch.float64), torch.tensor(0.7, dtype=torch.float64))
+        options = {} if baseline is None else {"baseline": baseline}
+        ref = gradient_samples(method, f, q_fn, params, 500, eps=eps, **options)
+        for g, r in zip(got, ref):  # float64 rounding of sums of terms of size ~20
+            assert torch.allclose(g, r, rtol=0, atol=1e-10), (method, baseline)
+
+
+def test_elbo_gradient_samples_take_eps_and_refuse_bad_noise():
+    x = _data()
+    eps = torch.randn(50, dtype=torch.float64, generator=torch.Generator().manual_seed(16))
+    with rng(torch.Generator().manual_seed(17)):
+        drawn = torch.randn(50, dtype=torch.float64)
+    # generator= draws exactly the normals that eps= would be given
+    a = elbo_gradient_samples("pathwise", MODEL, x, 0.0, 1.0, 50, generator=torch.Generator().manual_seed(17))
+    b = elbo_gradient_samples("pathwise", MODEL, x, 0.0, 1.0, 50, eps=drawn)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    # pathwise d/dmu: d/dz log p(x, z) at z = mu + s eps (log q(mu + s eps) does not depend on mu)
+    c = elbo_gradient_samples("pathwise", MODEL, x, 0.0, 1.0, 50, eps=eps, chunk_size=7)
+    z = eps.clone().requires_grad_(True)
+    (dz,) = torch.autograd.grad(log_joint(MODEL, x, z).sum(), z)
+    assert torch.allclose(c[0], dz, rtol=1e-12)
+    with pytest.raises(ValueError, match="not both"):
+        elbo_gradient_samples("pathwise", MODEL, x, 0.0, 1.0, 50, eps=eps, generator=torch.Generator())
+    with pytest.raises(ValueError, match="eps must have shape"):
+        elbo_gradient_samples("pathwise", MODEL, x, 0.0, 1.0, 40, eps=eps)
+    with pytest.raises(ValueError, match="num_samples"):
+        elbo_gradient_samples("score_function", MODEL, x, 0.0, 1.0, 1, baseline="mean")

@@ -10,9 +10,13 @@ The forward (noising) process is a reparameterization::
     q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)
     x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,   eps ~ N(0, I),
 
-and the denoiser ``eps_theta(x_t, t)`` is trained to predict ``eps`` from ``x_t``. A schedule
-``abar(phi)`` with parameters of its own gets its gradient through the same path:
-:class:`MonotoneSchedule` and :func:`schedule_gradient_samples`.
+and the denoiser ``eps_theta(x_t, t)`` is trained to predict ``eps`` from ``x_t`` (given
+``eps``, ``x_t`` does not depend on ``theta``). A schedule ``abar(phi)`` with parameters of its
+own (:class:`MonotoneSchedule`) gets its gradient through the same line, with ``eps`` fixed. In
+continuous time (Kingma et al. 2021) the diffusion loss depends on the schedule only through
+its ends (:func:`continuous_loss`), and the interior is learned to minimize the variance of the
+loss estimator (:func:`schedule_loss`, :func:`variance_gradient_samples`); for Gaussian data
+:func:`gaussian_denoiser` and :func:`gaussian_loss_moments` give the exact reference.
 """
 from __future__ import annotations
 
@@ -21,9 +25,9 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import Independent, Normal
+from torch.distributions import Normal
 
-from ..estimators import pathwise, score_function
+from ..estimators import per_sample_gradients
 from .layers import mlp
 
 __all__ = [
@@ -40,8 +44,16 @@ __all__ = [
     "sample",
     "geometric_knots",
     "monotone_log_snr",
+    "monotone_log_snr_slope",
     "MonotoneSchedule",
-    "schedule_gradient_samples",
+    "reference_time",
+    "LogSNRDenoiser",
+    "gaussian_denoiser",
+    "continuous_loss",
+    "sample_time",
+    "schedule_loss",
+    "gaussian_loss_moments",
+    "variance_gradient_samples",
 ]
 
 T = 1000  # diffusion steps in Ho et al. (2020)
@@ -151,13 +163,15 @@ def timestep_embedding(t: Tensor, dim: int, num_steps: int = T) -> Tensor:
     """Sinusoidal features of ``t`` (Vaswani et al. 2017, as in Ho et al.): ``(N,) -> (N, dim)``.
 
     ``[sin(w_k s), cos(w_k s)]`` with ``s = t / T`` and frequencies ``w_k`` geometric from 1 to
-    ``T``, so that neighbouring steps and the whole range are both resolved.
+    ``T``, so that neighbouring steps and the whole range are both resolved. Integer ``t`` gives
+    float32 features; real ``t`` (between steps) keeps its dtype.
     """
     if dim < 2 or dim % 2:
         raise ValueError(f"dim must be an even int >= 2, got {dim}")
     half = dim // 2
-    freqs = torch.logspace(0, math.log10(num_steps), half, device=t.device)  # (half,)
-    args = (t.float() / num_steps).unsqueeze(-1) * freqs  # (N, half)
+    s = t if t.is_floating_point() else t.float()
+    freqs = torch.logspace(0, math.log10(num_steps), half, dtype=s.dtype, device=t.device)  # (half,)
+    args = (s / num_steps).unsqueeze(-1) * freqs  # (N, half)
     return torch.cat([args.sin(), args.cos()], -1)
 
 
@@ -242,42 +256,82 @@ def geometric_knots(num_steps: int = T, num_knots: int = 32) -> Tensor:
 
     Dense near ``t = 1``, where the log-SNR of the linear schedule falls fastest.
     """
-    if num_knots < 1:
-        raise ValueError(f"num_knots must be >= 1, got {num_knots}")
+    if isinstance(num_knots, bool) or not isinstance(num_knots, int) or num_knots < 1:
+        raise ValueError(f"num_knots must be an int >= 1, got {num_knots!r}")
     return torch.logspace(0, math.log10(num_steps), num_knots + 1, dtype=torch.float64)
+
+
+def _check_log_snr_args(phi: Tensor, knots: Tensor, log_snr_max: float, log_snr_min: float) -> None:
+    k = phi.shape[-1]
+    if knots.shape != (k + 1,):
+        raise ValueError(f"knots must have shape (K + 1,) = ({k + 1},) for phi of size K = {k}, got {tuple(knots.shape)}")
+    if not log_snr_max > log_snr_min:
+        raise ValueError(f"need log_snr_max > log_snr_min, got {log_snr_max} and {log_snr_min}")
+
+
+def _take(values: Tensor, index: Tensor) -> Tensor:
+    """``values[index]`` for a 1-D ``values`` and an index tensor of any shape (vmap-safe)."""
+    return values.index_select(0, index.reshape(-1)).reshape(index.shape)
+
+
+def _segment(t: Tensor, phi: Tensor, knots: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple]:
+    """``t`` broadcast, its segment ``j`` (``knots[j] <= t < knots[j + 1]``), the segment's ends, the batch shape.
+
+    Written without Python indexing by tensors, so that it runs under ``torch.func.vmap``.
+    """
+    k = phi.shape[-1]
+    knots = knots.to(phi)
+    batch = torch.broadcast_shapes(phi.shape[:-1], t.shape)
+    s = t.to(device=phi.device, dtype=phi.dtype).expand(batch)
+    j = (torch.searchsorted(knots, s.detach().contiguous(), right=True) - 1).clamp(0, k - 1)
+    lo, hi = _take(knots, j), _take(knots, j + 1)
+    return s, j, lo, hi, batch
 
 
 def monotone_log_snr(t: Tensor, phi: Tensor, knots: Tensor, log_snr_max: float,
                      log_snr_min: float) -> Tensor:
     """A log-SNR ``lambda(t) = log(abar_t / (1 - abar_t))`` that decreases in ``t`` for every ``phi``.
 
-    At the knots ``tau_0 = 1 < ... < tau_K = T``:
-    ``lambda(tau_k) = lambda_max - (lambda_max - lambda_min) c_k``, ``c_k = sum_{j < k} softmax(phi)_j``,
+    At the knots ``tau_0 = 1 < ... < tau_K = T``::
+
+        lambda(tau_k) = lambda_max - (lambda_max - lambda_min) c_k,   c_k = sum_{j < k} softmax(phi)_j,
+
     and linear in ``t`` between them. The increments ``softmax(phi)_j`` are positive, so
     ``lambda`` is strictly decreasing with fixed ends ``lambda(1) = lambda_max`` and
     ``lambda(T) = lambda_min``; ``phi`` only moves where along ``t`` the noise is added (a simpler
     cousin of the monotone network of Kingma et al. 2021). ``abar_t = sigmoid(lambda(t))``.
 
-    t: ``(...)`` times in ``[1, T]``; phi: ``(..., K)`` (broadcast against ``t``); knots: ``(K + 1,)``.
-    Returns ``lambda`` of the broadcast shape, in phi's dtype.
+    t: ``(...)`` real times in ``[1, T]``; phi: ``(..., K)`` (broadcast against ``t``); knots:
+    ``(K + 1,)``. Returns ``lambda`` of the broadcast shape, in phi's dtype. Differentiable in
+    ``phi`` and ``t``, and usable inside ``torch.func.vmap``.
     """
+    _check_log_snr_args(phi, knots, log_snr_max, log_snr_min)
+    s, j, lo, hi, batch = _segment(t, phi, knots)
     k = phi.shape[-1]
-    if knots.shape != (k + 1,):
-        raise ValueError(f"knots must have shape (K + 1,) = ({k + 1},) for phi of size K = {k}, got {tuple(knots.shape)}")
-    if not log_snr_max > log_snr_min:
-        raise ValueError(f"need log_snr_max > log_snr_min, got {log_snr_max} and {log_snr_min}")
-    knots = knots.to(phi)
     c = torch.cumsum(torch.softmax(phi, -1), -1)
-    c = torch.cat([torch.zeros_like(c[..., :1]), c], -1)  # (..., K + 1), from 0 to 1
-    batch = torch.broadcast_shapes(phi.shape[:-1], t.shape)
-    c = c.expand(*batch, k + 1)
-    s = t.to(device=phi.device, dtype=phi.dtype).expand(batch)
-    j = (torch.searchsorted(knots, s.detach().contiguous(), right=True) - 1).clamp(0, k - 1)
-    lo, hi = knots[j], knots[j + 1]
+    c = torch.cat([torch.zeros_like(c[..., :1]), c], -1).expand(*batch, k + 1)  # from 0 to 1
     w = (s - lo) / (hi - lo)  # position inside the segment, in [0, 1]
     c_t = torch.gather(c, -1, j.unsqueeze(-1)).squeeze(-1) * (1 - w) \
         + torch.gather(c, -1, (j + 1).unsqueeze(-1)).squeeze(-1) * w
     return log_snr_max - (log_snr_max - log_snr_min) * c_t
+
+
+def monotone_log_snr_slope(t: Tensor, phi: Tensor, knots: Tensor, log_snr_max: float,
+                           log_snr_min: float) -> Tensor:
+    """``d lambda / d t`` of :func:`monotone_log_snr`: constant on each segment, negative.
+
+    On the segment ``tau_j <= t < tau_{j+1}``::
+
+        d lambda / d t = -(lambda_max - lambda_min) softmax(phi)_j / (tau_{j+1} - tau_j).
+
+    The weight of the continuous-time loss (:func:`continuous_loss`). Shapes as in
+    :func:`monotone_log_snr`.
+    """
+    _check_log_snr_args(phi, knots, log_snr_max, log_snr_min)
+    _, j, lo, hi, batch = _segment(t, phi, knots)
+    w = torch.softmax(phi, -1).expand(*batch, phi.shape[-1])
+    w_j = torch.gather(w, -1, j.unsqueeze(-1)).squeeze(-1)
+    return -(log_snr_max - log_snr_min) * w_j / (hi - lo)
 
 
 class MonotoneSchedule(nn.Module):
@@ -285,17 +339,25 @@ class MonotoneSchedule(nn.Module):
 
     Built from a reference schedule ``abar_init (T,)``: the ends ``lambda(1)``, ``lambda(T)`` are
     taken from it and stay fixed, and ``phi (K,)`` starts at the reference's increments between
-    the knots, so that the initial schedule interpolates the reference. ``forward()`` returns
-    ``abar`` for ``t = 1..T`` as a ``(T,)`` float64 tensor with a graph to ``phi``.
+    the knots, so that the initial schedule interpolates the reference. The knots are
+    :func:`geometric_knots` (``num_knots`` segments), or the given ``knots`` (``(K + 1,)``,
+    increasing from 1 to ``T``): ``knots=torch.arange(1, T + 1)`` gives a schedule that starts
+    *equal* to the reference at every step, linear in between. ``forward(t)`` returns ``abar``
+    (all steps ``t = 1..T`` if ``t`` is None) in float64 with a graph to ``phi``.
     """
 
-    def __init__(self, abar_init: Tensor, num_knots: int = 32):
+    def __init__(self, abar_init: Tensor, num_knots: int = 32, *, knots: Tensor | None = None):
         super().__init__()
         abar_init = _check_abar(abar_init.detach().to(torch.float64).cpu())
         if not torch.all(abar_init[1:] < abar_init[:-1]):
             raise ValueError("abar_init must be strictly decreasing")
         num_steps = abar_init.shape[0]
-        knots = geometric_knots(num_steps, num_knots)
+        if knots is None:
+            knots = geometric_knots(num_steps, num_knots)
+        knots = knots.detach().to(torch.float64).cpu()
+        if knots.dim() != 1 or knots.shape[0] < 2 or knots[0] != 1 or knots[-1] != num_steps \
+                or not torch.all(knots[1:] > knots[:-1]):
+            raise ValueError(f"knots must increase strictly from 1 to T = {num_steps}")
         lam = torch.logit(abar_init)  # (T,)
         lam_knots = _interp(knots, torch.arange(1, num_steps + 1, dtype=torch.float64), lam)
         increments = lam_knots[:-1] - lam_knots[1:]  # (K,), positive
@@ -304,11 +366,18 @@ class MonotoneSchedule(nn.Module):
         self.register_buffer("knots", knots)
         self.phi = nn.Parameter(increments.log() - increments.log().mean())
 
+    def _all_steps(self, t: Tensor | None) -> Tensor:
+        return torch.arange(1, self.num_steps + 1, device=self.phi.device) if t is None else t
+
     def log_snr(self, t: Tensor | None = None) -> Tensor:
         """``lambda(t)`` for integer or real ``t`` in ``[1, T]`` (all steps if ``t`` is None)."""
-        if t is None:
-            t = torch.arange(1, self.num_steps + 1, device=self.phi.device)
-        return monotone_log_snr(t, self.phi, self.knots, self.log_snr_max, self.log_snr_min)
+        return monotone_log_snr(self._all_steps(t), self.phi, self.knots, self.log_snr_max,
+                                self.log_snr_min)
+
+    def slope(self, t: Tensor | None = None) -> Tensor:
+        """``d lambda / d t`` at ``t`` (:func:`monotone_log_snr_slope`)."""
+        return monotone_log_snr_slope(self._all_steps(t), self.phi, self.knots, self.log_snr_max,
+                                      self.log_snr_min)
 
     def forward(self, t: Tensor | None = None) -> Tensor:
         return torch.sigmoid(self.log_snr(t))
@@ -321,53 +390,241 @@ def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
     return fp[j] * (1 - w) + fp[j + 1] * w
 
 
+# --------------------------------------------------------------------------- the continuous-time loss
+
+
+def reference_time(log_snr: Tensor, log_snr_ref: Tensor) -> Tensor:
+    """The real step ``t`` at which a reference schedule has log-SNR ``log_snr``.
+
+    ``log_snr_ref (T,)`` holds ``lambda_ref(t)`` at ``t = 1..T`` (strictly decreasing), linear in
+    between; the result inverts that piecewise-linear function::
+
+        t = j + (lambda_ref(j) - lambda) / (lambda_ref(j) - lambda_ref(j + 1))
+        for lambda_ref(j + 1) < lambda <= lambda_ref(j).
+
+    It turns a denoiser trained on the steps of the reference into one conditioned on the
+    log-SNR (:class:`LogSNRDenoiser`). Values outside ``[lambda_ref(T), lambda_ref(1)]`` are
+    extrapolated from the end segments. Shape of ``log_snr``; differentiable in it; vmap-safe.
+    """
+    if log_snr_ref.dim() != 1 or log_snr_ref.shape[0] < 2:
+        raise ValueError(f"log_snr_ref must be a 1-D tensor of length T >= 2, got {tuple(log_snr_ref.shape)}")
+    ref = log_snr_ref.to(log_snr)
+    j = (torch.searchsorted(-ref, -log_snr.detach().contiguous(), right=True) - 1).clamp(0, ref.shape[0] - 2)
+    hi, lo = _take(ref, j), _take(ref, j + 1)
+    return (j + 1).to(log_snr.dtype) + (hi - log_snr) / (hi - lo)
+
+
+class LogSNRDenoiser(nn.Module):
+    """``eps_hat(z, lambda)``: a denoiser conditioned on the log-SNR instead of the step.
+
+    ``eps_model(z, t)`` was trained on the steps of a reference schedule ``abar_ref (T,)``; this
+    module evaluates it at the (real) step where the reference has log-SNR ``lambda``
+    (:func:`reference_time`). A denoiser that sees the noise level only through ``lambda`` is
+    what makes the continuous-time loss independent of the schedule's interior (Kingma et al.
+    2021, sec. 5.1). ``(N, D), (N,) -> (N, D)``.
+    """
+
+    def __init__(self, eps_model: nn.Module, abar_ref: Tensor):
+        super().__init__()
+        self.eps_model = eps_model
+        self.register_buffer("log_snr_ref", torch.logit(_check_abar(abar_ref.detach().to(torch.float64))))
+
+    def forward(self, z: Tensor, log_snr: Tensor) -> Tensor:
+        return self.eps_model(z, reference_time(log_snr, self.log_snr_ref))
+
+
+def gaussian_denoiser(z: Tensor, log_snr: Tensor, data_var: float) -> Tensor:
+    """The exact ``E[eps | z]`` for data ``x ~ N(0, s^2 I)``, ``s^2 = data_var``: ``(N, D)``.
+
+    With ``z = alpha x + sigma eps``, ``alpha^2 = sigmoid(lambda)``, ``sigma^2 = sigmoid(-lambda)``::
+
+        E[eps | z] = sigma z / (alpha^2 s^2 + sigma^2),
+
+    and the error ``eps - E[eps | z]`` is Gaussian with variance
+    ``a(lambda) = sigmoid(lambda + log s^2)`` per coordinate: the reference of
+    :func:`gaussian_loss_moments`. z: ``(N, D)``; log_snr: ``(N,)``.
+    """
+    if not data_var > 0:
+        raise ValueError(f"data_var must be positive, got {data_var}")
+    a2, s2 = torch.sigmoid(log_snr).unsqueeze(-1), torch.sigmoid(-log_snr).unsqueeze(-1)
+    return s2.sqrt() * z / (a2 * data_var + s2)
+
+
+def continuous_loss(denoiser: Callable[[Tensor, Tensor], Tensor], x0: Tensor, eps: Tensor,
+                    log_snr: Tensor, log_snr_slope: Tensor, *, num_steps: int = T) -> Tensor:
+    """One-draw estimates of the continuous-time diffusion loss (Kingma et al. 2021, sec. 5): ``(N,)``.
+
+    With ``t ~ U[1, T]`` (real), ``lambda = lambda(t)`` and its slope ``lambda'(t)``::
+
+        z_t   = sqrt(sigmoid(lambda)) x0 + sqrt(sigmoid(-lambda)) eps
+        L_hat = (T - 1) / 2 * (-lambda'(t)) * ||eps - eps_hat(z_t, lambda)||^2,
+
+    whose mean over ``t`` and ``eps`` is the diffusion term of the negative ELBO,
+    ``L = 1/2 int_{lambda_min}^{lambda_max} E||eps - eps_hat(z_lambda, lambda)||^2 d lambda``
+    (substitute ``lambda = lambda(t)``): it depends on the schedule only through its ends, while
+    the variance of ``L_hat`` depends on all of it.
+
+    denoiser: ``eps_hat(z, lambda)``, ``(N, D), (N,) -> (N, D)`` (:class:`LogSNRDenoiser`, or
+    :func:`gaussian_denoiser` with ``data_var`` bound by ``functools.partial``); x0, eps: ``(N, D)``; log_snr, log_snr_slope: ``(N,)``, the
+    schedule's value and ``d lambda / d t`` at each example's ``t``. Differentiable in all of them:
+    with ``eps`` fixed, the gradient with respect to the schedule is pathwise.
+    """
+    if x0.dim() != 2 or eps.shape != x0.shape:
+        raise ValueError(f"x0 and eps must have one shape (N, D), got {tuple(x0.shape)} and {tuple(eps.shape)}")
+    if log_snr.shape != x0.shape[:1] or log_snr_slope.shape != x0.shape[:1]:
+        raise ValueError(f"log_snr and log_snr_slope must have shape ({x0.shape[0]},), got "
+                         f"{tuple(log_snr.shape)} and {tuple(log_snr_slope.shape)}")
+    lam = log_snr.unsqueeze(-1)  # (N, 1)
+    z = torch.sigmoid(lam).sqrt() * x0 + torch.sigmoid(-lam).sqrt() * eps  # (N, D)
+    err = (eps - denoiser(z, log_snr)).square().sum(-1)  # (N,)
+    return 0.5 * (num_steps - 1) * (-log_snr_slope) * err
+
+
+def sample_time(num: int, num_steps: int = T, *, generator: torch.Generator | None = None,
+                dtype: torch.dtype = torch.float64, device=None) -> Tensor:
+    """``t ~ U[1, T]``, real: ``(num,)``, the time of :func:`continuous_loss`."""
+    u = torch.rand(num, generator=generator, dtype=dtype, device=device)
+    return 1 + (num_steps - 1) * u
+
+
+def schedule_loss(denoiser: Callable[[Tensor, Tensor], Tensor], schedule: MonotoneSchedule,
+                  x0: Tensor, *, t: Tensor | None = None, eps: Tensor | None = None,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """:func:`continuous_loss` under a :class:`MonotoneSchedule`: ``(N,)``, with a graph to ``phi``.
+
+    ``t ~ U[1, T]`` and ``eps ~ N(0, I)`` are drawn with ``generator`` unless given. The mean of
+    the result estimates the loss; the mean of its square, ``E[L_hat^2]``, is what Kingma et al.
+    (2021, sec. 5.3) minimize over the schedule's interior: the loss itself does
+    not move, so minimizing the second moment minimizes the variance.
+    """
+    if not isinstance(schedule, MonotoneSchedule):
+        raise ValueError(f"schedule must be a MonotoneSchedule, got {type(schedule).__name__}")
+    if x0.dim() != 2:
+        raise ValueError(f"x0 must have shape (N, D), got {tuple(x0.shape)}")
+    if t is None:
+        t = sample_time(x0.shape[0], schedule.num_steps, generator=generator, dtype=x0.dtype,
+                        device=x0.device)
+    if eps is None:
+        eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+    return continuous_loss(denoiser, x0, eps, schedule.log_snr(t).to(x0.dtype),
+                           schedule.slope(t).to(x0.dtype), num_steps=schedule.num_steps)
+
+
+def gaussian_loss_moments(log_snr_knots: Tensor, knots: Tensor, data_var: float,
+                          dim: int) -> tuple[Tensor, Tensor]:
+    """Exact ``E[L_hat]`` and ``E[L_hat^2]`` for data ``N(0, s^2 I_D)`` and the exact denoiser.
+
+    For a piecewise-linear schedule with values ``lambda_k`` at knots ``tau_0 = 1 < ... < tau_K = T``
+    and ``t ~ U[1, T]``, with ``a(lambda) = sigmoid(lambda + log s^2)`` (:func:`gaussian_denoiser`),
+    ``||eps - eps_hat||^2 = a chi^2_D``, and ``int a^2 d lambda = softplus - sigmoid``::
+
+        E[L_hat]   = D/2 log((1 + s^2 e^{lambda_0}) / (1 + s^2 e^{lambda_K}))          (ends only)
+        E[L_hat^2] = (T - 1)/4 (D^2 + 2D) sum_k |lambda'_k| [F(lambda_k) - F(lambda_{k+1})],
+                     F(l) = softplus(l + log s^2) - sigmoid(l + log s^2),
+
+    with ``|lambda'_k| = (lambda_k - lambda_{k+1}) / (tau_{k+1} - tau_k)``. By Cauchy-Schwarz
+    ``E[L_hat^2] >= (1 + 2/D) E[L_hat]^2``, with equality when the schedule spends time in
+    proportion to ``a(lambda)``. Differentiable in ``log_snr_knots`` ``(K + 1,)``; knots ``(K + 1,)``.
+    """
+    if log_snr_knots.dim() != 1 or knots.shape != log_snr_knots.shape or knots.shape[0] < 2:
+        raise ValueError(f"log_snr_knots and knots must be 1-D of one length >= 2, got "
+                         f"{tuple(log_snr_knots.shape)} and {tuple(knots.shape)}")
+    if not data_var > 0:
+        raise ValueError(f"data_var must be positive, got {data_var}")
+    c = math.log(data_var)
+    lam, tau = log_snr_knots, knots.to(log_snr_knots)
+    mean = dim / 2 * (torch.nn.functional.softplus(lam[0] + c) - torch.nn.functional.softplus(lam[-1] + c))
+    big_f = torch.nn.functional.softplus(lam + c) - torch.sigmoid(lam + c)  # (K + 1,)
+    slope = (lam[:-1] - lam[1:]) / (tau[1:] - tau[:-1])  # |lambda'_k|, (K,)
+    second = (tau[-1] - tau[0]) / 4 * (dim**2 + 2 * dim) * (slope * (big_f[:-1] - big_f[1:])).sum()
+    return mean, second
+
+
 # --------------------------------------------------------------------------- gradient estimators for phi
 
 
-def schedule_gradient_samples(method: str, eps_model: EpsModel, schedule: MonotoneSchedule,
-                              x0: Tensor, t: Tensor, *, num_samples: int = 1, baseline=None,
-                              generator: torch.Generator | None = None) -> Tensor:
-    """Per-example estimates of ``grad_phi E_eps ||eps - eps_theta(x_t, t)||^2``: ``(N, K)``.
+def _loss_of_z(phi, schedule, denoiser, x0, t, z):
+    """``L_hat`` for one example as a function of ``phi`` and of the noisy point ``z`` (no batch dim)."""
+    args = (schedule.knots, schedule.log_snr_max, schedule.log_snr_min)
+    lam, slope = monotone_log_snr(t, phi, *args), monotone_log_snr_slope(t, phi, *args)
+    eps = (z - torch.sigmoid(lam).sqrt() * x0) / torch.sigmoid(-lam).sqrt()
+    err = (eps - denoiser(z[None], lam[None])[0]).square().sum()
+    return 0.5 * (schedule.num_steps - 1) * (-slope) * err
 
-    Row ``i`` estimates the gradient for the pair ``(x0_i, t_i)`` from ``num_samples`` draws of
-    ``x_t ~ q_phi(x_t | x0_i) = N(sqrt(abar_t) x0_i, (1 - abar_t) I)``, the schedule evaluated
-    with its own copy of ``phi`` (so one backward pass gives every row). The loss, written as a
-    function of ``x_t``, is ``f_phi(x_t) = ||(x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t) - eps_theta(x_t, t)||^2``.
 
-    * ``"pathwise"``: ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` with ``eps`` fixed, so
-      ``f = ||eps - eps_theta(x_t, t)||^2`` and the gradient runs through ``x_t`` into the
-      denoiser (:func:`companion.estimators.pathwise`);
-    * ``"score_function"``: ``x_t`` is drawn without a path, and the estimate is
-      ``grad_phi f_phi(x_t) + (f - b) grad_phi log q_phi(x_t | x0)``
-      (:func:`companion.estimators.score_function`, with ``baseline``, e.g. ``"mean"``).
+def _pathwise_program(schedule, denoiser, power):
+    def program(phi, noise):
+        x0, t, eps = noise
+        args = (schedule.knots, schedule.log_snr_max, schedule.log_snr_min)
+        lam, slope = monotone_log_snr(t, phi, *args), monotone_log_snr_slope(t, phi, *args)
+        loss = continuous_loss(denoiser, x0[None], eps[None], lam[None], slope[None],
+                               num_steps=schedule.num_steps)[0]
+        return loss**power
+    return program
 
-    Both are unbiased for the same gradient. The rows' mean over random ``(x0, t)`` estimates
-    ``grad_phi`` of the loss; their spread is the per-example gradient variance.
-    x0: ``(N, D)``; t: ``(N,)`` integers in ``[1, T]``. Computed in ``x0``'s dtype.
+
+def _score_program(schedule, denoiser, power):
+    def program(phi, noise):
+        x0, t, z, b = noise  # z drawn at the current phi, without a path; b: its baseline
+        args = (schedule.knots, schedule.log_snr_max, schedule.log_snr_min)
+        lam = monotone_log_snr(t, phi, *args)
+        q = Normal(torch.sigmoid(lam).sqrt() * x0, torch.sigmoid(-lam).sqrt(), validate_args=False)
+        log_q = q.log_prob(z).sum()
+        f = _loss_of_z(phi, schedule, denoiser, x0, t, z) ** power
+        return f + (f - b).detach() * (log_q - log_q.detach())
+    return program
+
+
+def variance_gradient_samples(method: str, denoiser: Callable[[Tensor, Tensor], Tensor],
+                              schedule: MonotoneSchedule, x0: Tensor, t: Tensor, eps: Tensor, *,
+                              power: int = 2, baseline: str | None = None,
+                              chunk_size: int | None = None) -> Tensor:
+    """Per-example estimates of ``grad_phi E[L_hat^power]`` (:func:`continuous_loss`): ``(N, K)``.
+
+    ``power=2`` is the gradient that learns the schedule's interior (Kingma et al. 2021, sec. 5.3):
+    ``E[L_hat]`` does not depend on ``phi``, so the gradient of the second moment is
+    that of the variance. ``power=1`` is the gradient of the loss itself, zero in expectation.
+    Row ``i`` averages ``S`` draws at the pair ``(x0_i, t_i)``, ``eps (S, N, D)``:
+
+    * ``"pathwise"``: ``z = sqrt(abar_phi) x0 + sqrt(1 - abar_phi) eps`` keeps its path, and
+      ``grad_phi L_hat(phi, eps)^power`` runs through ``z``, the slope and the denoiser's
+      conditioning;
+    * ``"score_function"``: ``z`` is drawn with the same ``eps`` but without a path, and the
+      estimate is ``grad_phi f_phi(z) + (f_phi(z) - b) grad_phi log q_phi(z | x0)``, with
+      ``f_phi(z)`` the same loss written as a function of ``z`` (it depends on ``phi`` directly
+      too) and ``b = 0`` or, with ``baseline="mean"``, the mean of the other ``S - 1`` draws'
+      ``f`` (leave-one-out, Kool et al. 2019; needs ``S >= 2``).
+
+    Both are unbiased for the same gradient, and the rows are i.i.d. over random ``(x0, t)``.
+    Built on :func:`companion.estimators.per_sample_gradients` (one ``vmap`` over ``grad``);
+    ``chunk_size`` bounds its memory. x0: ``(N, D)``; t: ``(N,)`` real in ``[1, T]``.
     """
     if method not in ("pathwise", "score_function"):
         raise ValueError(f"method must be 'pathwise' or 'score_function', got {method!r}")
     if not isinstance(schedule, MonotoneSchedule):
         raise ValueError(f"schedule must be a MonotoneSchedule, got {type(schedule).__name__}")
-    if x0.dim() != 2:
-        raise ValueError(f"x0 must have shape (N, D), got {tuple(x0.shape)}")
-    n = x0.shape[0]
-    t = _check_t(t, schedule.num_steps, n).to(x0.device)
-    phi = schedule.phi.detach().to(x0).expand(n, -1).clone().requires_grad_(True)  # (N, K)
-    lam = monotone_log_snr(t, phi, schedule.knots, schedule.log_snr_max, schedule.log_snr_min)
-    a = torch.sigmoid(lam).unsqueeze(-1)  # (N, 1)
-    loc, scale = a.sqrt() * x0, (1 - a).sqrt().expand_as(x0)  # (N, D)
-
-    def f(x_t: Tensor) -> Tensor:  # (S, N, D) -> (S, N)
-        s = x_t.shape[0]
-        eps = (x_t - loc) / scale  # equals the drawn eps; along the path its phi-derivative is 0
-        pred = eps_model(x_t.reshape(s * n, -1), t.repeat(s)).reshape(x_t.shape)
-        return (eps - pred).square().sum(-1)
-
-    q = Independent(Normal(loc, scale), 1)  # batch (N,), event (D,)
+    if power not in (1, 2):
+        raise ValueError(f"power must be 1 or 2, got {power!r}")
+    if baseline not in (None, "mean"):
+        raise ValueError(f"baseline must be None or 'mean', got {baseline!r}")
+    if x0.dim() != 2 or eps.dim() != 3 or eps.shape[1:] != x0.shape:
+        raise ValueError(f"x0 must have shape (N, D) and eps (S, N, D), got {tuple(x0.shape)} and {tuple(eps.shape)}")
+    s, n = eps.shape[0], x0.shape[0]
+    if t.shape != (n,) or not t.is_floating_point():
+        raise ValueError(f"t must be a real tensor of shape ({n},), got {t.dtype} {tuple(t.shape)}")
+    if method == "score_function" and baseline == "mean" and s < 2:
+        raise ValueError("baseline='mean' needs eps with S >= 2 draws per example")
+    phi = schedule.phi.detach().to(x0)
+    xs, ts, es = x0.expand(s, n, -1).reshape(s * n, -1), t.to(x0).repeat(s), eps.reshape(s * n, -1)
     if method == "pathwise":
-        est = pathwise(f, q, num_samples, generator=generator)
-    else:
-        est = score_function(f, q, num_samples, baseline=baseline, generator=generator)
-    (grad,) = torch.autograd.grad(est.surrogate, phi)
-    return grad
+        grads = per_sample_gradients(_pathwise_program(schedule, denoiser, power), phi, (xs, ts, es),
+                                     chunk_size=chunk_size)
+        return grads.reshape(s, n, -1).mean(0)
+    with torch.no_grad():
+        lam = schedule.log_snr(ts).to(x0)
+        z = torch.sigmoid(lam).sqrt().unsqueeze(-1) * xs + torch.sigmoid(-lam).sqrt().unsqueeze(-1) * es
+        f = schedule_loss(denoiser, schedule, xs, t=ts, eps=es).reshape(s, n) ** power
+        b = (f.sum(0) - f) / (s - 1) if baseline == "mean" else torch.zeros_like(f)
+    grads = per_sample_gradients(_score_program(schedule, denoiser, power), phi,
+                                 (xs, ts, z, b.reshape(-1)), chunk_size=chunk_size)
+    return grads.reshape(s, n, -1).mean(0)
