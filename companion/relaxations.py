@@ -79,7 +79,7 @@ def straight_through(y_soft: Tensor) -> Tensor:
     """The one-hot ``argmax`` of ``y_soft`` in the forward pass, ``y_soft``'s gradient backward:
     ``one_hot(argmax y) - stop_grad(y) + y`` (Bengio et al. 2013; Jang et al. 2017)."""
     index = y_soft.argmax(-1, keepdim=True)
-    y_hard = torch.zeros_like(y_soft).scatter_(-1, index, 1.0)
+    y_hard = torch.zeros_like(y_soft).scatter(-1, index, 1.0)  # out of place: vmap has a rule for it
     return y_hard - y_soft.detach() + y_soft
 
 
