@@ -11,7 +11,8 @@ Modules are organised by what a reader cites (see the book's intro):
 - :mod:`companion.sequence_design`  the protein-design toy (a Potts fitness over 20 letters)
 - :mod:`companion.two_sample`       energy distance and MMD, with permutation tests
 - :mod:`companion.models`           VAE, hierarchical and discrete VAEs, concrete dropout, DDPM
-- :mod:`companion.science`          cross-disciplinary science: molecules, causal inference
+- :mod:`companion.science`          cross-disciplinary science: molecules, causal inference,
+                                    textures, reaction networks, conservation ecology
 - :mod:`companion.train`            the one training loop (progress bar, checkpoint/resume)
 - :mod:`companion.data`             data shipped with packages, generators, an MNIST IDX reader
 - :mod:`companion.plotting`         the book's figure style
