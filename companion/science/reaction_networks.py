@@ -230,15 +230,16 @@ def ssa(network: ReactionNetwork, x0, t_end: float, num_paths: int, *,
             a = network.propensities(xa)  # (A, R)
             if bool(torch.any(a < 0)):
                 raise ValueError("propensities returned a negative rate")
-            a0 = a.sum(-1)
-            tau = -torch.log1p(-u[:, 0]) / a0  # inf when a0 = 0: the path stops
+            cumulative = a.cumsum(-1)  # (A, R)
+            a0 = cumulative[:, -1]
+            tau = torch.where(a0 > 0, -torch.log1p(-u[:, 0]) / a0, torch.inf)  # a0 = 0: it stops
             t_next = t[active] + tau
             if times is not None:  # x holds on [t, t_next): write it at the times in that interval
                 hold = times >= t[active].unsqueeze(-1)  # later reactions overwrite
                 record[active] = torch.where(hold.unsqueeze(-1), xa.unsqueeze(1), record[active])
             fire = t_next <= t_end
-            active, u, a, a0, xa, t_next = (v[fire] for v in (active, u, a, a0, xa, t_next))
-            which = (a.cumsum(-1) <= u[:, 1:] * a0.unsqueeze(-1)).sum(-1)
+            active, u, cumulative, a0, xa, t_next = (v[fire] for v in (active, u, cumulative, a0, xa, t_next))
+            which = (cumulative <= u[:, 1:] * a0.unsqueeze(-1)).sum(-1)
             which = which.clamp(max=network.num_reactions - 1)  # u2 a0 rounding at the top edge
             x[active] = xa + nu[which]
             t[active] = t_next
