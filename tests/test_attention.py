@@ -22,7 +22,7 @@ from companion.models.attention import (
 )
 from companion.train import train
 
-from helpers import Z, assert_mc_close
+from helpers import assert_mc_close
 
 F64 = torch.float64
 

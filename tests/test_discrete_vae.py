@@ -10,12 +10,11 @@ import pytest
 import torch
 from torch.distributions import OneHotCategorical
 
-from companion.estimators import enumerate_expectation, mc_summary
+from companion.estimators import enumerate_expectation
 from companion.models.discrete_vae import (
     ESTIMATORS,
     DiscreteVAE,
     bias_variance,
-    discrete_elbo,
     elbo_estimate,
     enumerate_elbo,
     kl_to_uniform,

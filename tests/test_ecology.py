@@ -1,7 +1,6 @@
 """companion.science.ecology: interface, the quasi-extinction formula against scipy and Monte Carlo."""
 import math
 
-import numpy as np
 import pytest
 import torch
 from scipy import stats

@@ -7,8 +7,8 @@ import scipy.linalg
 import torch
 
 from companion.control.lqg import expected_cost, feedback_cost, feedback_rollout_cost, riccati, rollout_cost
-from companion.estimators import mc_summary, per_sample_gradients
-from helpers import Z, assert_mc_close
+from companion.estimators import per_sample_gradients
+from helpers import assert_mc_close
 
 f64 = torch.float64
 SYSTEM = dict(a=0.9, b=0.5, q=1.0, r=0.1, x0=1.0, noise_std=0.5)

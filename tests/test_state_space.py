@@ -9,7 +9,7 @@ import torch
 
 from companion.control.state_space import MarkovGaussian, elbo_samples, fit_local_level, log_joint, sample_path
 from companion.estimators import per_sample_gradients
-from helpers import Z, assert_mc_close
+from helpers import assert_mc_close
 
 f64 = torch.float64
 NILE = torch.tensor(sm.datasets.nile.load_pandas().data["volume"].to_numpy(), dtype=f64)

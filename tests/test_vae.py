@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy import stats
 from torch import nn
-from torch.distributions import Independent, Normal, kl_divergence
+from torch.distributions import Normal, kl_divergence
 
 from companion.estimators import gaussian_expectation, mc_summary
 from companion.models import vae

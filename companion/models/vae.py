@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import Bernoulli, Distribution, Independent, Normal, kl_divergence
+from torch.distributions import Bernoulli, Independent, Normal, kl_divergence
 
 from ..estimators import Estimate, _check_num_samples, pathwise, per_sample_gradients, score_function
 from ..runtime import rng

@@ -34,18 +34,16 @@ and ``"exact"`` differentiates the closed form (``P = 2`` only). Shapes: ``log_k
 from __future__ import annotations
 
 import math
-import sys
 import time
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.distributions import MultivariateNormal, Normal
+from torch.distributions import Normal
 from torchdiffeq import odeint, odeint_adjoint
-from tqdm import tqdm
 
-from ..estimators import pathwise
+from ..vi import GaussianFit, fit_full_gaussian
 from ..runtime import rng
 
 __all__ = [
@@ -63,7 +61,6 @@ __all__ = [
     "log_prior",
     "GridPosterior",
     "grid_posterior",
-    "VIFit",
     "fit_vi",
     "GradientCost",
     "gradient_cost",
@@ -454,22 +451,6 @@ def grid_posterior(
     return GridPosterior(log_k1, log_k2, weights / cell, mean, cov)
 
 
-class VIFit(NamedTuple):
-    """Gaussians ``q(log k) = N(loc, L L^T)`` fitted by :func:`fit_vi`, one per run.
-
-    loc
-        ``(R, P)``.
-    scale_tril
-        ``(R, P, P)``, lower-triangular ``L``.
-    elbo
-        ``(num_steps, R)``, the Monte Carlo ELBO of every step.
-    """
-
-    loc: Tensor
-    scale_tril: Tensor
-    elbo: Tensor
-
-
 def fit_vi(
     times: Tensor,
     data: Tensor,
@@ -486,7 +467,7 @@ def fit_vi(
     atol: float = 1e-7,
     generator: torch.Generator | None = None,
     progress: bool | None = None,
-) -> VIFit:
+) -> GaussianFit:
     """Maximize the ELBO of a full-covariance Gaussian over ``theta = log k`` by pathwise gradients.
 
     ``theta_s = m + L eps_s`` (``eps_s ~ N(0, I)``); each step's objective is::
@@ -513,32 +494,14 @@ def fit_vi(
     rtol, atol = _check_positive("rtol", rtol), _check_positive("atol", atol)
     like = {"dtype": data.dtype, "device": data.device}
     m0 = torch.as_tensor(prior_loc, **like).expand(num_params)
-    loc = m0.expand(num_runs, num_params).clone().requires_grad_(True)
-    log_diag = torch.full((num_runs, num_params), math.log(init_scale), **like, requires_grad=True)
-    off_diag = torch.zeros(num_runs, num_params, num_params, **like, requires_grad=True)
-    optimizer = torch.optim.Adam([loc, log_diag, off_diag], lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, num_steps)
-
-    def scale_tril() -> Tensor:  # (R, P, P)
-        return torch.diag_embed(log_diag.exp()) + off_diag.tril(-1)
 
     def log_joint(theta: Tensor) -> Tensor:  # (S, R, P) -> (S, R)
         y = _solve(theta, times, False, rtol, atol, "dopri5")
         return log_likelihood(y, data, sigma) + log_prior(theta, prior_loc, prior_scale)
 
-    show = sys.stderr.isatty() if progress is None else progress
-    elbos = []
-    for _ in tqdm(range(num_steps), disable=not show, leave=False):
-        q = MultivariateNormal(loc, scale_tril=scale_tril())
-        est = pathwise(log_joint, q, num_samples, generator=generator)
-        entropy = q.entropy()  # (R,)
-        optimizer.zero_grad()
-        (-(est.surrogate + entropy.sum())).backward()  # the runs' ELBOs, summed
-        optimizer.step()
-        schedule.step()
-        elbos.append(est.value + entropy.detach())
-    with torch.no_grad():
-        return VIFit(loc.detach().clone(), scale_tril().detach(), torch.stack(elbos))
+    return fit_full_gaussian(log_joint, m0.expand(num_runs, num_params), init_scale=init_scale,
+                             num_steps=num_steps, num_samples=num_samples, lr=lr,
+                             generator=generator, progress=progress)
 
 
 # --------------------------------------------------------------------------- cost

@@ -28,17 +28,15 @@ the accelerated-failure-time regression; ``(S, 1)`` for ``S`` parameter draws).
 from __future__ import annotations
 
 import math
-import sys
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from scipy import optimize
 from torch import Tensor
-from torch.distributions import MultivariateNormal, Normal
-from tqdm import tqdm
+from torch.distributions import Normal
 
-from ..estimators import pathwise
+from ..vi import GaussianFit, fit_full_gaussian
 
 __all__ = [
     "lognormal_log_likelihood",
@@ -50,7 +48,6 @@ __all__ = [
     "fit_lognormal_aft",
     "lognormal_survival",
     "lognormal_restricted_mean",
-    "SurvivalVI",
     "fit_lognormal_vi",
 ]
 
@@ -306,22 +303,6 @@ def lognormal_restricted_mean(tau: float, mu, sigma) -> Tensor:
     return below + tau * torch.special.ndtr(-z)
 
 
-class SurvivalVI(NamedTuple):
-    """``q(mu, log sigma) = N(loc, L L^T)`` fitted by :func:`fit_lognormal_vi`, one per run.
-
-    loc
-        ``(R, 2)``, the means of ``(mu, log sigma)``.
-    scale_tril
-        ``(R, 2, 2)``, lower-triangular ``L``.
-    elbo
-        ``(num_steps, R)``, the Monte Carlo ELBO of every step.
-    """
-
-    loc: Tensor
-    scale_tril: Tensor
-    elbo: Tensor
-
-
 def fit_lognormal_vi(
     t: Tensor,
     event: Tensor,
@@ -334,7 +315,7 @@ def fit_lognormal_vi(
     lr: float = 0.05,
     generator: torch.Generator | None = None,
     progress: bool | None = None,
-) -> SurvivalVI:
+) -> GaussianFit:
     """Bayesian log-normal model by pathwise variational inference over ``(mu, log sigma)``.
 
     Prior: ``mu ~ N(prior_loc[0], prior_scale[0]^2)`` and ``log sigma ~ N(prior_loc[1],
@@ -362,29 +343,10 @@ def fit_lognormal_vi(
     prior = Normal(torch.tensor(prior_loc, dtype=t.dtype), torch.tensor(prior_scale, dtype=t.dtype))
     log_t = t.log()
     start = torch.tensor([log_t.mean().item(), math.log(log_t.std().item())], dtype=t.dtype)
-    loc = start.expand(num_runs, 2).clone().requires_grad_(True)
-    log_diag = torch.full((num_runs, 2), math.log(0.1), dtype=t.dtype, requires_grad=True)
-    off_diag = torch.zeros(num_runs, 2, 2, dtype=t.dtype, requires_grad=True)
-    optimizer = torch.optim.Adam([loc, log_diag, off_diag], lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, num_steps)
-
-    def scale_tril() -> Tensor:  # (R, 2, 2)
-        return torch.diag_embed(log_diag.exp()) + off_diag.tril(-1)
 
     def log_joint(theta: Tensor) -> Tensor:  # (S, R, 2) -> (S, R)
         mu, log_sigma = theta[..., :1], theta[..., 1:]  # (S, R, 1) against the subjects (N,)
         return lognormal_log_likelihood(t, d, mu, log_sigma.exp()) + prior.log_prob(theta).sum(-1)
 
-    show = sys.stderr.isatty() if progress is None else progress
-    elbos = []
-    for _ in tqdm(range(num_steps), disable=not show, leave=False):
-        q = MultivariateNormal(loc, scale_tril=scale_tril())
-        est = pathwise(log_joint, q, num_samples, generator=generator)
-        entropy = q.entropy()  # (R,)
-        optimizer.zero_grad()
-        (-(est.surrogate + entropy.sum())).backward()  # the runs' ELBOs, summed
-        optimizer.step()
-        schedule.step()
-        elbos.append(est.value + entropy.detach())
-    with torch.no_grad():
-        return SurvivalVI(loc.detach().clone(), scale_tril().detach(), torch.stack(elbos))
+    return fit_full_gaussian(log_joint, start.expand(num_runs, 2), init_scale=0.1, num_steps=num_steps,
+                             num_samples=num_samples, lr=lr, generator=generator, progress=progress)
