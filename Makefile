@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 MATHJAX_VERSION ?= 3.2.2
 MATHJAX := _vendor/mathjax
-BUILD_OPTS ?= -W --keep-going
+BUILD_OPTS ?= -W --keep-going --all  # --all: every page rewritten, so no page keeps a stale navigation
 PYTEST_OPTS ?=
 BENCH_OPTS ?=
 

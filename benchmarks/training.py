@@ -14,8 +14,9 @@ weights, on the same minibatches:
 * ``Pyro TraceMeanField_ELBO``: the same with the analytic KL.
 
 The DDPM step (``companion.models.diffusion``): ``train(eps_model, ddpm_loss)`` against the same
-step in plain torch, on the diffusion chapter's two moons and denoiser. The Bayesian layers of
-Part III join when ``companion.models.bayesian`` exists.
+step in plain torch, on the diffusion chapter's two moons and denoiser. The four sampling modes
+of the Bayesian layers (``companion.models.bayesian``: local reparameterization, a weight matrix
+per example, one shared matrix, Flipout) on the chapter *Bayesian layers*' MLP, against local.
 
 Each trainer runs ``steps`` steps per round, in interleaved rounds after an untimed warm-up
 round; a step's time is the round's time over ``steps`` (the loop's own work included: the
@@ -46,6 +47,7 @@ __all__ = ["plain_vae_loop", "pyro_vae_loop", "companion_vae_loop", "plain_ddpm_
 
 BATCH = 100  # the VAE chapter's minibatch
 LR = 1e-3
+BAYES_BATCH, BAYES_LR = 64, 1e-2  # the chapter *Bayesian layers* on digits
 
 
 # --------------------------------------------------------------------------- the VAE, four ways
@@ -192,8 +194,9 @@ def _time_rounds(trainers: dict, make_model, steps: int, rounds: int, device) ->
 def _rows(group: str, times: dict, reference: str, metric: str, **extra) -> list[dict]:
     med = {name: summarize(t[metric])["median"] for name, t in times.items()}
     return [{"group": group, "trainer": name, "wall_s": summarize(t["wall_s"]),
-             "cpu_s": summarize(t["cpu_s"]), f"vs_{reference.replace(' ', '_')}": med[name] / med[reference],
-             **extra.get(name, {})} for name, t in times.items()]
+             "cpu_s": summarize(t["cpu_s"]), "reference": reference,
+             "vs_reference": med[name] / med[reference], **extra.get(name, {})}
+            for name, t in times.items()]
 
 
 def run(out_dir: Path, *, quick: bool, device: torch.device, seed: int = 0) -> Path:
@@ -253,13 +256,37 @@ def run(out_dir: Path, *, quick: bool, device: torch.device, seed: int = 0) -> P
                 "batch": BATCH, "lr": LR, "held_out_elbo": "vae.evaluate_elbo, 32 samples, same noise"},
         "ddpm": {"data": "two moons, 5,000 points", "denoiser": "EpsMLP(2, hidden=64, depth=3)",
                  "batch": ddpm_batch, "lr": LR, "T": dm.T},
-        "bayesian_layers": "measured" if bayesian else "companion.models.bayesian not present",
+        "bayesian_layers": {"data": "scikit-learn digits (grey levels), labels", "net": "BayesMLP([64, 100, 10])",
+                            "batch": BAYES_BATCH, "lr": BAYES_LR, "loss": "bayesian.negative_elbo",
+                            "modes": "local, per_example, shared, flipout; ratios against local"}
+        if bayesian else "companion.models.bayesian not present",
         "validation": "torch.distributions and Pyro defaults (on)",
     }
     return write_result(out_dir, "training", device=device, profile="quick" if quick else "full",
                         settings=settings, rows=rows, started=started)
 
 
-def _bayesian_rows(steps, rounds, device, metric, seed) -> list[dict]:  # pragma: no cover - Part III
-    """The four modes of Part III's Bayesian layers, when the module exists (filled in on merge)."""
-    return []
+def _bayesian_rows(steps, rounds, device, metric, seed) -> list[dict]:
+    """The four sampling modes of Part III's Bayesian layers: ``train(BayesMLP, negative_elbo)``
+    at the chapter's quick sizes (digits, one hidden layer of 100), one mode per trainer."""
+    import functools
+
+    from companion.models import bayesian
+
+    x, y = data.digits()  # grey levels, as the chapter *Bayesian layers* fits them
+    (x_train, y_train), _ = data.split(x, y, test_fraction=0.2, generator=torch.Generator().manual_seed(0))
+    elbo = functools.partial(bayesian.negative_elbo, num_data=x_train.shape[0])
+    reseed(seed)
+    base = bayesian.BayesMLP([x_train.shape[1], 100, 10], mode="local")
+
+    def make_trainer(mode):
+        def run_mode(model, n):
+            model.mode = mode
+            train(model, elbo, (x_train, y_train), steps=n, batch_size=BAYES_BATCH, lr=BAYES_LR,
+                  seed=seed, progress=False, device=device)
+            return model
+        return run_mode
+
+    trainers = {mode: make_trainer(mode) for mode in bayesian.MODES}
+    times, _ = _time_rounds(trainers, lambda: copy.deepcopy(base), steps, rounds, device)
+    return _rows("bayesian_mlp", times, "local", metric)

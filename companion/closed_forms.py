@@ -19,7 +19,6 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from numpy.polynomial import Polynomial
 from torch import Tensor

@@ -579,14 +579,11 @@ def variance_stderr(samples: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- exact references
 
 
-@functools.lru_cache(maxsize=8)
-def _hermite_e_rule(num_nodes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Nodes and weights of ``num_nodes``-point Gauss-Hermite quadrature for ``N(0, 1)``.
-
-    Cached: numpy's ``hermegauss`` costs ~10 ms, and references call it once per grid point.
-    """
-    t, w = np.polynomial.hermite_e.hermegauss(num_nodes)
-    return t, w / math.sqrt(2 * math.pi)
+@functools.lru_cache(maxsize=None)
+def _hermite_e_nodes(num_nodes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gauss-Hermite (probabilists') nodes and weights, computed once per ``num_nodes``:
+    numpy's ``hermegauss`` costs ~15 ms at 80 nodes and ~0.3 s at 240."""
+    return np.polynomial.hermite_e.hermegauss(num_nodes)
 
 
 def gaussian_expectation(f: Objective, loc: Tensor, scale: Tensor, *, num_nodes: int = 80) -> Tensor:
@@ -600,10 +597,10 @@ def gaussian_expectation(f: Objective, loc: Tensor, scale: Tensor, *, num_nodes:
     loc, scale = torch.as_tensor(loc), torch.as_tensor(scale)
     if loc.numel() != 1 or scale.numel() != 1:
         raise ValueError("gaussian_expectation is for a scalar Gaussian: loc and scale must have one element")
-    t, w = _hermite_e_rule(num_nodes)
+    t, w = _hermite_e_nodes(num_nodes)  # cached: copied into new tensors below
     dtype = loc.dtype if loc.is_floating_point() else torch.get_default_dtype()
-    t = torch.as_tensor(t, dtype=dtype, device=loc.device)
-    w = torch.as_tensor(w, dtype=dtype, device=loc.device)
+    t = torch.tensor(t, dtype=dtype, device=loc.device)
+    w = torch.tensor(w / math.sqrt(2 * math.pi), dtype=dtype, device=loc.device)
     x = loc.reshape(()) + scale.reshape(()) * t
     return (w * _f_values(f, x, num_nodes)).sum()
 

@@ -74,7 +74,9 @@ def test_measured_variances_match_the_exact_ones(quick):
 
 
 def test_crossover_is_where_scipy_finds_the_two_variances_equal(quick):
-    k_star = quick["variance"]["crossover"]["closed_form"]["score_function"]
+    k_star = variance.crossover()["score_function"]
+    stored = quick["variance"]["crossover"]["closed_form"]["score_function"]
+    assert stored == pytest.approx(k_star, rel=1e-6)  # results keep 7 significant digits
     pdf = stats.norm(variance.MU, variance.SIGMA).pdf
 
     def var(g):  # Var_{N(1, 1)}[g(x)] by adaptive quadrature (scipy), independent of closed_forms

@@ -22,7 +22,6 @@ from companion.models.concrete_dropout import (
     relaxed_drop_mask,
     weight_regularizer,
 )
-from companion.train import train
 from helpers import Z, assert_mc_close
 
 F64 = torch.float64

@@ -10,12 +10,11 @@ import pytest
 import torch
 from torch.distributions import OneHotCategorical
 
-from companion.estimators import enumerate_expectation, mc_summary
+from companion.estimators import enumerate_expectation
 from companion.models.discrete_vae import (
     ESTIMATORS,
     DiscreteVAE,
     bias_variance,
-    discrete_elbo,
     elbo_estimate,
     enumerate_elbo,
     kl_to_uniform,
@@ -23,6 +22,7 @@ from companion.models.discrete_vae import (
     make_loss,
     one_hot_configurations,
 )
+from companion.relaxations import sample_gumbel
 from companion.train import train
 from helpers import Z, assert_mc_close
 
@@ -186,6 +186,34 @@ def test_discrete_elbo_and_hard_sample_values_are_unbiased():
 
 
 # --------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_logit_gradient_samples_are_one_backward_pass_per_copy(estimator):
+    # the vectorized copies against a loop of ordinary backward passes on the same Gumbel noise
+    model, x = _tiny()
+    logits = model.encode(x).detach()
+    gumbels = sample_gumbel((6, 3, *logits.shape), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    grads = logit_gradient_samples(_log_lik(model, x), logits, 6, 3, estimator=estimator, tau=0.5, gumbels=gumbels)
+    for c in range(6):
+        phi = logits.clone().requires_grad_(True)
+        est = elbo_estimate(_log_lik(model, x), phi, 3, estimator=estimator, tau=0.5, gumbels=gumbels[c])
+        (ref,) = torch.autograd.grad(est.surrogate, phi)
+        assert torch.allclose(grads[c], ref, rtol=1e-10, atol=1e-12)
+
+
+def test_the_same_gumbels_give_every_estimator_the_same_hard_codes():
+    # straight-through and the score function see the same one-hot codes: the same ELBO value
+    model, x = _tiny()
+    logits = model.encode(x).detach()
+    gumbels = sample_gumbel((3, *logits.shape), generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    st = elbo_estimate(_log_lik(model, x), logits, 3, estimator="straight_through", gumbels=gumbels)
+    sf = elbo_estimate(_log_lik(model, x), logits, 3, estimator="score_function", gumbels=gumbels)
+    assert torch.allclose(st.value, sf.value, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="gumbels must have shape"):
+        elbo_estimate(_log_lik(model, x), logits, 2, estimator="score_function", gumbels=gumbels)
+    with pytest.raises(ValueError, match="gumbels must have shape"):
+        logit_gradient_samples(_log_lik(model, x), logits, 2, 3, estimator="score_function", gumbels=gumbels)
 
 
 def test_score_function_gradient_is_unbiased():

@@ -113,11 +113,22 @@ def test_sample_chain_rejects_bad_arguments(kwargs, match):
         sample_chain(**args)
 
 
+def test_chain_gradient_samples_are_the_per_sample_chain_rule():
+    # on given noise, each gradient is the chain rule of that draw: d z1^2 / d alpha = 2 z1 c,
+    # d z1^2 / d beta = 2 z1 c eps2 (float64 rounding only)
+    g = _gen(11)
+    eps2, eps1 = torch.randn(50, generator=g, dtype=torch.float64), torch.randn(50, generator=g, dtype=torch.float64)
+    grads = chain_gradient_samples(lambda z: z**2, ALPHA, BETA, C, D, eps2=eps2, eps1=eps1)
+    z1 = C * (ALPHA + BETA * eps2) + D * eps1
+    assert torch.allclose(grads.alpha, 2 * z1 * C, rtol=1e-12, atol=0)
+    assert torch.allclose(grads.beta, 2 * z1 * C * eps2, rtol=1e-12, atol=1e-12)
+
+
 def test_chain_gradient_samples_rejects_bad_f():
     with pytest.raises(ValueError, match="f must be callable"):
         chain_gradient_samples("square", ALPHA, BETA, C, D, 10)
     with pytest.raises(ValueError, match="f must map"):
-        chain_gradient_samples(lambda z: z.sum(), ALPHA, BETA, C, D, 10)
+        chain_gradient_samples(lambda z: torch.stack([z, z]), ALPHA, BETA, C, D, 10)
     with pytest.raises(ValueError, match="num_samples"):
         chain_gradient_samples(lambda z: z**2, ALPHA, BETA, C, D, 0)
     with pytest.raises(ValueError, match=r"shape \(S,\)"):

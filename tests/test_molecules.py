@@ -8,7 +8,7 @@ from scipy import stats
 from torch.distributions import Normal
 
 from companion.science import molecules as mol
-from helpers import Z, assert_mc_close
+from helpers import assert_mc_close
 
 
 def _gen(seed=0):

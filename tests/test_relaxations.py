@@ -20,7 +20,6 @@ from companion.relaxations import (
     smoothed_rejection_sample,
     straight_through,
 )
-from helpers import assert_mc_close
 
 LOGITS = torch.tensor([1.0, -0.5, 0.2, 2.0, -1.5], dtype=torch.float64)
 

@@ -53,7 +53,9 @@ def test_shapes():
     assert vae.loss(model, x).dim() == 0
     assert vae.reconstruct(model, x).shape == (4, 6)
     assert isinstance(vae.evaluate_elbo(model, x, batch_size=3), float)
-    draws = vae.encoder_gradient_draws(lambda: vae.elbo_analytic_kl(model, x).sum(), model, 3)
+    eps = torch.randn(3, 2, 4, 3, dtype=torch.float64)
+    draws = vae.encoder_gradient_draws(
+        lambda m, x, e: vae.elbo_analytic_kl(m, x, num_samples=2, eps=e).sum(), model, x, eps)
     assert draws.shape == (3, sum(p.numel() for p in model.encoder.parameters()))
 
 
@@ -140,6 +142,34 @@ def test_generator_makes_estimates_repeat(estimator):
     assert torch.equal(run(), run())
 
 
+@pytest.mark.parametrize("estimator", vae.ESTIMATORS)
+def test_encoder_gradient_draws_are_one_backward_pass_per_draw(estimator):
+    # the vectorized draws against a loop of ordinary backward passes on the same noise
+    model, x = _model(x_dim=6, z_dim=3, hidden=(5,)), _binary(4, 6)
+    eps = torch.randn(5, 2, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def objective(m, x, e):
+        return vae.elbo_estimate(m, x, estimator=estimator, num_samples=2, eps=e).surrogate
+
+    draws = vae.encoder_gradient_draws(objective, model, x, eps)
+    params = list(model.encoder.parameters())
+    for r in range(5):
+        grads = torch.autograd.grad(objective(model, x, eps[r]), params)
+        assert torch.allclose(draws[r], torch.cat([g.reshape(-1) for g in grads]), rtol=1e-10, atol=1e-12)
+
+
+def test_eps_gives_both_estimators_the_same_draws():
+    # the same eps: the same z, so the same ELBO value, that of elbo_analytic_kl (float64 rounding)
+    model, x = _model(x_dim=6, z_dim=3, hidden=(5,)), _binary(4, 6)
+    eps = torch.randn(3, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    reference = vae.elbo_analytic_kl(model, x, num_samples=3, eps=eps).detach()
+    for estimator in vae.ESTIMATORS:
+        est = vae.elbo_estimate(model, x, estimator=estimator, num_samples=3, eps=eps)
+        assert torch.allclose(est.value, reference, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="not both"):
+        vae.elbo_estimate(model, x, num_samples=3, eps=eps, generator=torch.Generator())
+
+
 def test_score_function_keeps_the_decoder_gradient():
     # the decoder's gradient is E_q[grad_theta log p(x | z)] under both estimators: with the
     # same generator both draw the same z, so the decoder gradients are identical
@@ -189,8 +219,13 @@ def test_bad_arguments_raise():
         vae.elbo_analytic_kl(nn.Linear(6, 6), x)
     with pytest.raises(ValueError, match="batch_size"):
         vae.evaluate_elbo(model, x, batch_size=0)
-    with pytest.raises(ValueError, match="repeats"):
-        vae.encoder_gradient_draws(lambda: vae.elbo_analytic_kl(model, x).sum(), model, 1)
+    objective = lambda m, x, e: vae.elbo_analytic_kl(m, x, eps=e).sum()  # noqa: E731
+    with pytest.raises(ValueError, match="eps must have shape"):  # one draw only
+        vae.encoder_gradient_draws(objective, model, x, torch.zeros(1, 1, 4, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="eps must have shape"):
+        vae.encoder_gradient_draws(objective, model, x, torch.zeros(5, 1, 4, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="objective must be callable"):
+        vae.encoder_gradient_draws("elbo", model, x, torch.zeros(5, 1, 4, 3, dtype=torch.float64))
     with pytest.raises(ValueError):  # Bernoulli's own support check: pixels must be 0 or 1
         vae.elbo_analytic_kl(model, x * 0.5)
 

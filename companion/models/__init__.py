@@ -6,4 +6,6 @@
 - :mod:`companion.models.discrete_vae`      categorical latents with Gumbel-Softmax
 - :mod:`companion.models.concrete_dropout`  learned dropout rates with relaxed Bernoulli masks
 - :mod:`companion.models.diffusion`         DDPM and a learnable noise schedule
+- :mod:`companion.models.attention`         logistic-normal stochastic attention
+- :mod:`companion.models.bayesian`          Bayesian linear and conv layers, local reparameterization
 """

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Bernoulli, Independent, OneHotCategorical, kl_divergence
 
-from ..estimators import Estimate, mc_summary, score_function
+from ..estimators import Estimate, mc_summary, per_sample_gradients
 from ..relaxations import gumbel_max, gumbel_softmax, sample_gumbel
 from .layers import mlp
 
@@ -155,19 +155,24 @@ def elbo_estimate(
     *,
     estimator: str,
     tau: float = 1.0,
+    gumbels: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Estimate:
     """A Monte Carlo estimate of the ELBO (1) and of its gradient, one per batch element.
 
-    ``value`` (shape ``batch``, detached) is ``(1/S) sum_s log p(x | z_s) - KL``: with
-    ``z_s`` the relaxed sample for ``"gumbel_softmax"`` (the relaxed objective it climbs) and a
-    hard one-hot sample otherwise (an unbiased estimate of (1)). ``surrogate`` is a scalar, the
-    sum over the batch, whose ``.backward()`` gives the estimator's gradient:
+    All three estimators start from the same Gumbel noise ``G_s`` (``gumbels`` of shape
+    ``(S, *batch, N, K)``, or drawn from ``generator``), so with the same noise they see the same
+    hard codes ``one_hot(argmax(phi + G_s))``, exact draws of ``q(z | x)``. ``value`` (shape
+    ``batch``, detached) is ``(1/S) sum_s log p(x | z_s) - KL``: with ``z_s`` the relaxed sample
+    for ``"gumbel_softmax"`` (the relaxed objective it climbs) and the hard one otherwise (an
+    unbiased estimate of (1)). ``surrogate`` is a scalar, the sum over the batch, whose
+    ``.backward()`` gives the estimator's gradient:
 
     * gumbel_softmax:   grad (1/S) sum_s log p(x | softmax((phi + G_s) / tau)) - grad KL
     * straight_through: the same path with ``one_hot(argmax)`` forward (hard, biased gradient)
-    * score_function:   ``companion.estimators.score_function`` with the leave-one-out baseline
-      ``b_s = mean_{t != s} log p(x | z_t)`` (needs ``S >= 2``), plus the decoder's own gradient.
+    * score_function:   ``(1/S) sum_s (f_s - b_s) grad log q(z_s | x)`` with ``f_s = log p(x | z_s)``
+      and the leave-one-out baseline ``b_s = mean_{t != s} f_t`` (needs ``S >= 2``; the surrogate
+      of :func:`companion.estimators.score_function`), plus the decoder's own gradient.
 
     ``tau`` is ignored by the score function. Shapes: ``logits (*batch, N, K)``; ``log_lik``
     maps ``(S, *batch, N, K) -> (S, *batch)``. Chapter *Discrete latent VAE*.
@@ -176,17 +181,37 @@ def elbo_estimate(
     _check_logits(logits)
     _check_int("num_samples", num_samples, 2 if estimator == "score_function" else 1)
     _check_tau(tau)
+    shape = (num_samples, *logits.shape)
+    if gumbels is None:
+        gumbels = sample_gumbel(shape, generator=generator, dtype=logits.dtype, device=logits.device)
+    elif not isinstance(gumbels, Tensor) or tuple(gumbels.shape) != shape:
+        got = tuple(gumbels.shape) if isinstance(gumbels, Tensor) else type(gumbels).__name__
+        raise ValueError(f"gumbels must have shape (num_samples, *logits.shape) = {shape}, got {got}")
     kl = kl_to_uniform(logits)  # (*batch,)
     if estimator == "score_function":
-        est = score_function(log_lik, _posterior(logits), num_samples, baseline="mean", generator=generator)
-        return Estimate(est.value - kl.detach(), est.surrogate - kl.sum())
-    shape = (num_samples, *logits.shape)
-    gumbels = sample_gumbel(shape, generator=generator, dtype=logits.dtype, device=logits.device)
+        z = _one_hot(gumbel_max(logits.detach().expand(shape), gumbels=gumbels), gumbels)  # no path
+        rec = _check_rec(log_lik(z), z)  # (S, *batch)
+        log_q = _posterior(logits).log_prob(z)  # (S, *batch)
+        f = rec.detach()
+        b = (f.sum(0, keepdim=True) - f) / (num_samples - 1)  # leave-one-out, independent of z_s
+        # value f, gradient grad f + (f - b) grad log q (Williams 1992; Kool et al. 2019)
+        surrogate = rec + (f - b) * (log_q - log_q.detach())
+        return Estimate(f.mean(0) - kl.detach(), surrogate.mean(0).sum() - kl.sum())
     z = gumbel_softmax(logits.expand(shape), tau, hard=estimator == "straight_through", gumbels=gumbels)
-    rec = log_lik(z)  # (S, *batch)
-    if tuple(rec.shape) != shape[:-2]:
-        raise ValueError(f"log_lik must map latents {tuple(z.shape)} to shape {shape[:-2]}, got {tuple(rec.shape)}")
+    rec = _check_rec(log_lik(z), z)  # (S, *batch)
     return Estimate(rec.detach().mean(0) - kl.detach(), rec.mean(0).sum() - kl.sum())
+
+
+def _one_hot(index: Tensor, like: Tensor) -> Tensor:
+    """``one_hot(index)`` in the dtype and shape of ``like`` (``F.one_hot`` cannot run under ``vmap``)."""
+    return torch.zeros_like(like).scatter(-1, index.unsqueeze(-1), 1.0)
+
+
+def _check_rec(rec: Tensor, z: Tensor) -> Tensor:
+    if not isinstance(rec, Tensor) or rec.shape != z.shape[:-2]:
+        got = tuple(rec.shape) if isinstance(rec, Tensor) else type(rec).__name__
+        raise ValueError(f"log_lik must map latents {tuple(z.shape)} to shape {tuple(z.shape[:-2])}, got {got}")
+    return rec
 
 
 @torch.no_grad()
@@ -216,22 +241,42 @@ def logit_gradient_samples(
     *,
     estimator: str,
     tau: float = 1.0,
+    gumbels: Tensor | None = None,
     generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """``num_copies`` independent gradient estimates of ``sum_batch ELBO`` w.r.t. the logits.
 
-    Each estimate uses ``num_samples`` samples per data point (as in training). The logits are
-    copied along a new leading dimension, so one backward pass gives every estimate:
-    ``(C, *batch, N, K)``. ``log_lik`` must broadcast over that dimension, mapping
-    ``(S, C, *batch, N, K) -> (S, C, *batch)``. The exact gradient is the autograd gradient of
-    :func:`enumerate_elbo`; the mean and variance of these samples measure bias and variance.
+    Copy ``c`` is the gradient of :func:`elbo_estimate`'s surrogate with its own Gumbel noise
+    ``G_c`` of shape ``(S, *batch, N, K)``, ``S = num_samples`` samples per data point (as in
+    training)::
+
+        g_c = grad_phi surrogate(phi; G_c),    c = 1..C,    shape (C, *batch, N, K).
+
+    ``gumbels`` ``(C, S, *batch, N, K)`` fixes the noise (the same noise for two estimators gives
+    common random numbers); otherwise it is drawn from ``generator``. ``log_lik`` is that of
+    :func:`elbo_estimate`, ``(S, *batch, N, K) -> (S, *batch)``; the decoder inside it is held
+    fixed. Computed by :func:`companion.estimators.per_sample_gradients` (one ``vmap`` over
+    ``grad``, ``chunk_size`` copies at a time). The exact gradient is the autograd gradient of
+    :func:`enumerate_elbo`; the mean and variance of these samples measure bias and variance
+    (:func:`bias_variance`).
     """
+    _check_estimator(estimator)
     _check_logits(logits)
     _check_int("num_copies", num_copies, 1)
-    copies = logits.detach().unsqueeze(0).expand(num_copies, *logits.shape).clone().requires_grad_(True)
-    est = elbo_estimate(log_lik, copies, num_samples, estimator=estimator, tau=tau, generator=generator)
-    (grad,) = torch.autograd.grad(est.surrogate, copies)
-    return grad
+    _check_int("num_samples", num_samples, 2 if estimator == "score_function" else 1)
+    _check_tau(tau)
+    shape = (num_copies, num_samples, *logits.shape)
+    if gumbels is None:
+        gumbels = sample_gumbel(shape, generator=generator, dtype=logits.dtype, device=logits.device)
+    elif not isinstance(gumbels, Tensor) or tuple(gumbels.shape) != shape:
+        got = tuple(gumbels.shape) if isinstance(gumbels, Tensor) else type(gumbels).__name__
+        raise ValueError(f"gumbels must have shape (num_copies, num_samples, *logits.shape) = {shape}, got {got}")
+
+    def program(phi: Tensor, g: Tensor) -> Tensor:
+        return elbo_estimate(log_lik, phi, num_samples, estimator=estimator, tau=tau, gumbels=g).surrogate
+
+    return per_sample_gradients(program, logits.detach(), gumbels, chunk_size=chunk_size)
 
 
 class BiasVariance(NamedTuple):

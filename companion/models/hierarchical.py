@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
+from ..estimators import per_sample_gradients
 from .layers import mlp
 
 __all__ = [
@@ -212,11 +213,12 @@ def chain_gradient_samples(
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> ChainGradients:
-    """One pathwise gradient of ``f(z1)`` w.r.t. ``(alpha, beta)`` per draw of the chain.
+    """One pathwise gradient of ``f(z1)`` w.r.t. ``(alpha, beta)`` per draw of the chain: ``(S,)`` each.
 
-    ``alpha`` and ``beta`` are copied once per sample, so one backward pass through
-    ``f(c (alpha + beta eps2) + d eps1)`` gives all ``S`` gradients; their mean is the pathwise
-    estimate and their variance the per-sample variance. ``f`` maps ``(S,)`` to ``(S,)``.
+    The program of one draw, ``f(c (alpha + beta eps2) + d eps1)``, is differentiated at each
+    ``(eps2_i, eps1_i)`` by :func:`companion.estimators.per_sample_gradients` (``vmap`` over
+    ``grad``); the mean of the ``S`` gradients is the pathwise estimate and their variance the
+    per-sample variance. ``f`` maps one ``z1`` (a 0-d tensor) to a scalar, e.g. ``lambda z: z**2``.
     Passing the same ``eps2`` with fresh ``eps1`` (or the reverse) separates the two noises.
     """
     if not callable(f):
@@ -224,14 +226,15 @@ def chain_gradient_samples(
     eps2, eps1 = _chain_noise([torch.zeros((), dtype=dtype)], num_samples, eps2, eps1, generator)
     if eps2.dim() != 1:
         raise ValueError(f"eps2 and eps1 must have shape (S,), got {tuple(eps2.shape)}")
-    n = eps2.shape[0]
-    a = torch.full((n,), float(alpha), dtype=eps2.dtype, device=eps2.device, requires_grad=True)
-    b = torch.full((n,), float(beta), dtype=eps2.dtype, device=eps2.device, requires_grad=True)
-    chain = sample_chain(a, b, c, d, eps2=eps2, eps1=eps1)  # sample i depends on copy i only
-    fz = f(chain.z1)
-    if not isinstance(fz, Tensor) or fz.shape != (n,):
-        raise ValueError(f"f must map z1 of shape ({n},) to values of shape ({n},)")
-    g_alpha, g_beta = torch.autograd.grad(fz.sum(), (a, b))
+    theta = tuple(torch.tensor(float(v), dtype=eps2.dtype, device=eps2.device) for v in (alpha, beta))
+
+    def program(theta: tuple[Tensor, Tensor], noise: tuple[Tensor, Tensor]) -> Tensor:
+        fz = f(sample_chain(*theta, c, d, eps2=noise[0], eps1=noise[1]).z1)  # one draw
+        if not isinstance(fz, Tensor) or fz.dim() != 0:
+            raise ValueError("f must map one z1 (a 0-d tensor) to a scalar")
+        return fz
+
+    g_alpha, g_beta = per_sample_gradients(program, theta, (eps2, eps1))
     return ChainGradients(g_alpha, g_beta)
 
 

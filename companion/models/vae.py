@@ -27,10 +27,10 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.distributions import Bernoulli, Independent, Normal, kl_divergence
 from torch.nn import functional as F
-from torch.distributions import Bernoulli, Distribution, Independent, Normal, kl_divergence
 
-from ..estimators import Estimate, _check_num_samples, pathwise, score_function
+from ..estimators import Estimate, _check_num_samples, pathwise, per_sample_gradients, score_function
 from ..runtime import rng
 from .layers import mlp
 
@@ -260,6 +260,7 @@ def elbo_estimate(
     estimator: str = "pathwise",
     num_samples: int = 1,
     baseline: object = "mean",
+    eps: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Estimate:
     """The ELBO of each data point and a surrogate whose gradient is the chosen estimator.
@@ -274,7 +275,9 @@ def elbo_estimate(
       needs ``num_samples >= 2``.
 
     The decoder's gradient ``E_q[grad_theta log p(x | z)]`` is the same for both. ``value``:
-    ``(B,)``, detached; ``surrogate``: a scalar, the sum over the batch.
+    ``(B,)``, detached; ``surrogate``: a scalar, the sum over the batch. ``eps`` of shape
+    ``(S, B, z_dim)`` fixes the noise, ``z = mu + sigma eps`` (common random numbers: the two
+    estimators then see the same ``z``); otherwise it is drawn from ``generator``.
     """
     _check_model(model)
     if estimator not in ESTIMATORS:
@@ -285,9 +288,9 @@ def elbo_estimate(
         return model.log_likelihood(z, x)
 
     if estimator == "pathwise":
-        est = pathwise(log_likelihood, q, num_samples, generator=generator)
+        est = pathwise(log_likelihood, q, num_samples, generator=generator, eps=eps)
     else:
-        est = score_function(log_likelihood, q, num_samples, baseline=baseline, generator=generator)
+        est = score_function(log_likelihood, q, num_samples, baseline=baseline, generator=generator, eps=eps)
     kl = kl_divergence(q, model.prior())  # (B,)
     return Estimate(est.value - kl.detach(), est.surrogate - kl.sum())
 
@@ -362,23 +365,54 @@ def reconstruct(model: VAE, x: Tensor) -> Tensor:
 
 
 def encoder_gradient_draws(
-    objective: Callable[[], Tensor],
+    objective: Callable[[VAE, Tensor, Tensor], Tensor],
     model: VAE,
-    repeats: int,
+    x: Tensor,
+    eps: Tensor,
+    *,
+    chunk_size: int | None = None,
 ) -> Tensor:
-    """``repeats`` independent draws of the gradient of ``objective()`` w.r.t. the encoder: ``(R, P)``.
+    """One gradient of ``objective`` w.r.t. the encoder's weights per noise draw: ``(R, P)``.
 
-    ``objective`` is called afresh for each draw (so it draws new noise) and returns a scalar,
-    e.g. ``lambda: elbo_analytic_kl(model, x).mean()``; each row is the flattened gradient over
-    the encoder's ``P`` parameters. Their covariance is the estimator's; chapter *Variational
-    autoencoders* compares its trace across estimators.
+    ``objective(model, x, eps_r)`` returns a scalar for *one* draw ``eps_r`` of shape
+    ``(S, B, z_dim)``, e.g. ``lambda m, x, e: elbo_analytic_kl(m, x, num_samples=S, eps=e).mean()``
+    or the ``surrogate`` of :func:`elbo_estimate` with ``eps=e``. ``eps`` holds ``R`` draws,
+    ``(R, S, B, z_dim)``; row ``r`` of the result is the gradient at draw ``r``, flattened over
+    the encoder's ``P`` parameters (in ``model.encoder.named_parameters()`` order)::
+
+        g_r = grad_phi objective(model_phi, x, eps_r),    r = 1..R.
+
+    The draws are independent, so their covariance is the estimator's (chapter *Variational
+    autoencoders* compares its trace across estimators); the same ``eps`` for two objectives
+    gives common random numbers. Computed by :func:`companion.estimators.per_sample_gradients`
+    (one ``vmap`` over ``grad``, ``chunk_size`` draws at a time), with the encoder's parameters
+    passed to ``objective`` through ``torch.func.functional_call``; the decoder is held fixed.
     """
     _check_model(model)
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 2:
-        raise ValueError(f"repeats must be an int >= 2, got {repeats!r}")
-    params = list(model.encoder.parameters())
-    draws = []
-    for _ in range(repeats):
-        grads = torch.autograd.grad(objective(), params)
-        draws.append(torch.cat([g.reshape(-1) for g in grads]))
-    return torch.stack(draws)  # (R, P)
+    _check_x(model, x)
+    if not callable(objective):
+        raise ValueError(f"objective must be callable, got {type(objective).__name__}")
+    shape = (model.config.z_dim,)
+    if not isinstance(eps, Tensor) or eps.dim() != 4 or eps.shape[0] < 2 or eps.shape[2:] != (x.shape[0], *shape):
+        raise ValueError(
+            f"eps must have shape (R, S, B={x.shape[0]}, z_dim={shape[0]}) with R >= 2 draws, got {_shape(eps)}"
+        )
+    bound = _Bound(objective, model)
+    params = {f"model.encoder.{name}": p for name, p in model.encoder.named_parameters()}
+
+    def program(p: dict[str, Tensor], e: Tensor) -> Tensor:
+        return torch.func.functional_call(bound, p, (x, e))
+
+    grads = per_sample_gradients(program, params, eps, chunk_size=chunk_size)
+    return torch.cat([g.reshape(eps.shape[0], -1) for g in grads.values()], dim=1)  # (R, P)
+
+
+class _Bound(nn.Module):
+    """``objective(model, x, eps)`` as a module call, so ``functional_call`` can swap the model's weights."""
+
+    def __init__(self, objective: Callable[[VAE, Tensor, Tensor], Tensor], model: VAE) -> None:
+        super().__init__()
+        self.objective, self.model = objective, model
+
+    def forward(self, x: Tensor, eps: Tensor) -> Tensor:
+        return self.objective(self.model, x, eps)
