@@ -1,6 +1,7 @@
 """benchmarks: the quick mode of ``python -m benchmarks`` writes what the appendix chapter reads,
 its exact references agree with scipy, and its measured claims hold (timings are not asserted
 here: the test machine may be busy)."""
+import importlib.util
 import json
 import math
 
@@ -57,6 +58,10 @@ def test_throughput_and_training_rows(quick):
     trainers = {(r["group"], r["trainer"]) for r in quick["training"]["rows"]}
     assert {("vae", "companion"), ("vae", "plain torch"), ("vae", "Pyro Trace_ELBO"),
             ("ddpm", "companion"), ("ddpm", "plain torch")} <= trainers
+    if importlib.util.find_spec("companion.models.bayesian") is not None:
+        from companion.models.bayesian import MODES
+
+        assert {("bayesian_mlp", mode) for mode in MODES} <= trainers
 
 
 # --------------------------------------------------------------------------- the claims
