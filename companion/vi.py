@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from .estimators import Estimate, _baseline_values, pathwise, per_sample_gradients, score_function
 from .runtime import rng
+from ._checks import check_count
 
 __all__ = [
     "NormalNormal",
@@ -87,12 +88,6 @@ def _check_data(x: Tensor) -> Tensor:
     return x
 
 
-def _check_count(name: str, value: int, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
 def sample_data(
     model: NormalNormal,
     num_points: int,
@@ -106,7 +101,7 @@ def sample_data(
     The other functions of this module compute on ``x``'s dtype and device.
     """
     _check_model(model)
-    _check_count("num_points", num_points)
+    check_count("num_points", num_points)
     values = (model.prior_loc, model.prior_scale, model.noise_scale)
     m0, s0, sigma = (torch.tensor(v, dtype=dtype, device=device) for v in values)
     with rng(generator):
@@ -244,7 +239,7 @@ def elbo_gradient_samples(
     _check_data(x)
     if not (isinstance(scale, (int, float, Tensor)) and float(scale) > 0):
         raise ValueError(f"scale must be positive, got {scale!r}")
-    _check_count("num_samples", num_samples, 2 if baseline == "mean" else 1)
+    check_count("num_samples", num_samples, 2 if baseline == "mean" else 1)
     phi = tuple(torch.as_tensor(p, dtype=x.dtype, device=x.device).detach() for p in (loc, scale))
     if eps is None:
         with rng(generator):
@@ -315,9 +310,9 @@ def fit_gaussian_vi(
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     _check_model(model)
     _check_data(x)
-    _check_count("num_steps", num_steps)
-    _check_count("num_samples", num_samples, 2 if baseline == "mean" else 1)
-    _check_count("num_runs", num_runs)
+    check_count("num_steps", num_steps)
+    check_count("num_samples", num_samples, 2 if baseline == "mean" else 1)
+    check_count("num_runs", num_runs)
     if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if not (isinstance(init_scale, (int, float)) and init_scale > 0):
@@ -397,7 +392,7 @@ def fit_full_gaussian(
     if not isinstance(init_loc, Tensor) or init_loc.dim() != 2 or not init_loc.is_floating_point():
         raise ValueError(f"init_loc must be a floating-point (runs, params) tensor, got {init_loc!r}")
     for name, value in (("num_steps", num_steps), ("num_samples", num_samples)):
-        _check_count(name, value)
+        check_count(name, value)
     for name, value in (("init_scale", init_scale), ("lr", lr)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise ValueError(f"{name} must be a positive number, got {value!r}")

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..runtime import rng
+from .._checks import check_count
 
 __all__ = [
     "expected_cost",
@@ -61,12 +62,6 @@ def _nonnegative(name: str, t: Tensor) -> Tensor:
     if (t < 0).any():
         raise ValueError(f"{name} must be non-negative, got {t.tolist()}")
     return t
-
-
-def _check_count(name: str, value: int, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def _open_loop_args(mu, sigma, a, b, q, r, x0, noise_std, q_final):
@@ -192,7 +187,7 @@ def rollout_cost(
     if isinstance(mu, Tensor) and mu.dim() != 1:
         raise ValueError(f"mu must have shape (T,), got {tuple(mu.shape)}")
     p = _open_loop_args(mu, sigma, a, b, q, r, x0, noise_std, q_final)
-    n = _check_count("num_samples", num_samples)
+    n = check_count("num_samples", num_samples)
     shape = (n, mu.shape[0])
     eps, w = _noises({"eps": shape, "w": shape}, {"eps": eps, "w": w}, p["noise_std"],
                      mu.dtype, mu.device, generator)
@@ -250,7 +245,7 @@ def riccati(a, b, q, r, *, tol: float = 1e-12, max_iter: int = 100_000) -> tuple
     """
     if not isinstance(tol, float) or not tol > 0:
         raise ValueError(f"tol must be a positive float, got {tol!r}")
-    _check_count("max_iter", max_iter)
+    check_count("max_iter", max_iter)
     a, b, q, r, scalar = _as_matrices(a, b, q, r)
     tol = max(tol, 8 * torch.finfo(a.dtype).eps)  # rounding sets a floor (float32: ~1e-6)
     p = q.clone()
@@ -313,7 +308,7 @@ def _feedback_args(k, a, b, q, r, x0, x0_cov, sigma, noise_std, q_final, horizon
         qf = _tensor("q_final", q_final, a_.dtype, a_.device).reshape(n, n)
         if not torch.allclose(qf, qf.T) or torch.linalg.eigvalsh(qf).min() < -1e-12 * max(1.0, qf.abs().max().item()):
             raise ValueError("q_final must be symmetric positive semi-definite")
-    _check_count("horizon", horizon)
+    check_count("horizon", horizon)
     return a_, b_, q_, r_, k, second, var_u, noise_std, qf, scalar
 
 
@@ -388,7 +383,7 @@ def feedback_rollout_cost(
         k, a, b, q, r, x0, None, sigma, noise_std, q_final, horizon
     )
     n, m = b_.shape
-    num = _check_count("num_samples", num_samples)
+    num = check_count("num_samples", num_samples)
     batch = k.shape[:-2]
     eps, w = _noises({"eps": (num, horizon, m), "w": (num, horizon, n)}, {"eps": eps, "w": w},
                      noise_std, a_.dtype, a_.device, generator)

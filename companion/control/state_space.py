@@ -32,6 +32,7 @@ from torch.distributions import MultivariateNormal
 from tqdm import tqdm
 
 from ..runtime import rng
+from .._checks import check_count
 
 __all__ = [
     "sample_path",
@@ -43,12 +44,6 @@ __all__ = [
 ]
 
 _LOG_2PI = math.log(2 * math.pi)
-
-
-def _check_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def _param(name: str, value, like: Tensor | None = None, positive: bool = False) -> Tensor:
@@ -94,8 +89,8 @@ def sample_path(
     """
     a, b, s, z0 = _param("a", a), _param("b", b), _param("s", s, positive=True), _param("z0", z0)
     if eps is None:
-        _check_int("num_steps", num_steps)
-        _check_int("num_samples", num_samples)
+        check_count("num_steps", num_steps)
+        check_count("num_samples", num_samples)
         with rng(generator):
             eps = torch.randn(num_samples, num_steps, dtype=a.dtype, device=a.device)
     else:
@@ -183,7 +178,7 @@ class MarkovGaussian(nn.Module):
     def __init__(self, num_steps: int, *, init_pseudo: Tensor | None = None, init_site_prec: float = 1.0,
                  mean_field: bool = False, dtype: torch.dtype = torch.float64):
         super().__init__()
-        _check_int("num_steps", num_steps, minimum=2)
+        check_count("num_steps", num_steps, minimum=2)
         if isinstance(init_site_prec, bool) or not isinstance(init_site_prec, (int, float)) or not init_site_prec > 0:
             raise ValueError(f"init_site_prec must be a positive number, got {init_site_prec!r}")
         if init_pseudo is None:
@@ -219,7 +214,7 @@ class MarkovGaussian(nn.Module):
     def _rsample(self, factors, num_samples, eps, generator) -> Tensor:
         loc, chol, std = factors
         if eps is None:
-            _check_int("num_samples", num_samples)
+            check_count("num_samples", num_samples)
             with rng(generator):
                 eps = torch.randn(num_samples, self.num_steps, dtype=loc.dtype, device=loc.device)
         elif generator is not None or num_samples is not None:
@@ -329,8 +324,8 @@ def fit_local_level(
     """
     if not isinstance(y, Tensor) or y.dim() != 1 or y.shape[0] < 3 or not torch.isfinite(y).all():
         raise ValueError(f"y must be a 1-D tensor of at least 3 finite observations, got {y!r}")
-    _check_int("steps", steps)
-    _check_int("num_samples", num_samples)
+    check_count("steps", steps)
+    check_count("num_samples", num_samples)
     _check_positive("lr", lr)
     _check_positive("average_last", average_last, upper=1.0)
     y = y.to(torch.float64)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..estimators import per_sample_gradients
+from .._checks import check_count
 
 __all__ = [
     "MODES",
@@ -69,12 +70,6 @@ def _check_positive(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
     return float(value)
-
-
-def _check_count(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def _inverse_softplus(y: float) -> float:
@@ -183,8 +178,8 @@ class BayesLinear(BayesLayer):
 
     def __init__(self, in_features: int, out_features: int, *, mode: str = "local",
                  prior_scale: float = 1.0, init_scale: float = 0.05) -> None:
-        _check_count("in_features", in_features)
-        _check_count("out_features", out_features)
+        check_count("in_features", in_features)
+        check_count("out_features", out_features)
         super().__init__((out_features, in_features), out_features, in_features, mode,
                          prior_scale, init_scale)
         self.in_features, self.out_features = in_features, out_features
@@ -197,7 +192,7 @@ class BayesLinear(BayesLayer):
 
     def sample_noise(self, batch_size: int, *, generator: torch.Generator | None = None) -> tuple[Tensor, ...]:
         """Fresh noise for one call: standard normals, and for ``"flipout"`` the two sign tensors."""
-        _check_count("batch_size", batch_size)
+        check_count("batch_size", batch_size)
         shapes, like = self.noise_shapes(batch_size), self.weight_loc
         eps = torch.randn(shapes[0], generator=generator, dtype=like.dtype, device=like.device)
         if self.mode != "flipout":
@@ -253,8 +248,8 @@ class BayesConv2d(BayesLayer):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], *,
                  stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
                  mode: str = "local", prior_scale: float = 1.0, init_scale: float = 0.05) -> None:
-        _check_count("in_channels", in_channels)
-        _check_count("out_channels", out_channels)
+        check_count("in_channels", in_channels)
+        check_count("out_channels", out_channels)
         kh, kw = _pair(kernel_size, "kernel_size")
         self.stride, self.padding = _pair(stride, "stride"), _pair(padding, "padding")
         if kh < 1 or kw < 1 or min(self.stride) < 1 or min(self.padding) < 0:
@@ -373,9 +368,9 @@ class ConvClassifier(nn.Module):
                  bayesian: bool = True, mode: str = "local", prior_scale: float = 1.0,
                  init_scale: float = 0.05) -> None:
         super().__init__()
-        _check_count("side", side, 4)
-        _check_count("num_classes", num_classes, 2)
-        c1, c2 = (_check_count("channels", c) for c in channels)
+        check_count("side", side, 4)
+        check_count("num_classes", num_classes, 2)
+        c1, c2 = (check_count("channels", c) for c in channels)
         self.side, self.bayesian = side, bool(bayesian)
         flat = c2 * (side // 4) ** 2
         if self.bayesian:
@@ -420,7 +415,7 @@ def negative_elbo(model: nn.Module, batch: tuple[Tensor, Tensor], num_data: int)
     minibatches). A deterministic model (``kl() = 0``) gets plain cross-entropy. A scalar.
     """
     x, y = batch
-    _check_count("num_data", num_data)
+    check_count("num_data", num_data)
     return F.cross_entropy(model(x), y) + model.kl() / num_data
 
 
@@ -443,10 +438,10 @@ def minibatch_gradients(model: BayesMLP, x: Tensor, y: Tensor, *, batch_size: in
 
     Returns ``{name: (R, *shape)}`` for every parameter of ``model``.
     """
-    _check_count("batch_size", batch_size)
-    _check_count("num_batches", num_batches, 2)
+    check_count("batch_size", batch_size)
+    check_count("num_batches", num_batches, 2)
     if chunk_size is not None:
-        _check_count("chunk_size", chunk_size)
+        check_count("chunk_size", chunk_size)
     if batch_size > x.shape[0]:
         raise ValueError(f"batch_size must be at most the number of rows {x.shape[0]}, got {batch_size}")
     device = model.layers[0].weight_loc.device
@@ -503,7 +498,7 @@ def predictive_probs(model: nn.Module, x: Tensor, num_samples: int, *,
     The model samples its weights as in training (``model.train()`` for the call); a deterministic
     model gives ``T`` identical terms. ``x`` ``(B, ...)`` -> probabilities ``(B, classes)``.
     """
-    _check_count("num_samples", num_samples)
+    check_count("num_samples", num_samples)
     was_training = model.training
     model.train()
     try:
@@ -534,7 +529,7 @@ class Reliability(NamedTuple):
 def _check_probs_labels(probs: Tensor, labels: Tensor, num_bins: int) -> None:
     if probs.dim() != 2 or labels.shape != probs.shape[:1]:
         raise ValueError(f"probs must be (B, C) and labels (B,), got {tuple(probs.shape)} and {tuple(labels.shape)}")
-    _check_count("num_bins", num_bins)
+    check_count("num_bins", num_bins)
 
 
 def reliability_curve(probs: Tensor, labels: Tensor, *, num_bins: int = 10) -> Reliability:
@@ -571,8 +566,8 @@ def bootstrap_interval(statistic: Callable[[Tensor], Tensor], n: int, *, num_res
     drawn with replacement); passing two models' predictions through one ``idx`` gives a *paired*
     interval for their difference. Efron and Tibshirani (1993). Returns a ``(2,)`` tensor.
     """
-    _check_count("n", n)
-    _check_count("num_resamples", num_resamples, 2)
+    check_count("n", n)
+    check_count("num_resamples", num_resamples, 2)
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level!r}")
     device = generator.device if generator is not None else None

@@ -52,6 +52,7 @@ from torch.distributions import Bernoulli, Independent, OneHotCategorical, kl_di
 from ..estimators import Estimate, mc_summary, per_sample_gradients
 from ..relaxations import gumbel_max, gumbel_softmax, sample_gumbel
 from .layers import mlp
+from .._checks import check_count
 
 __all__ = [
     "ESTIMATORS",
@@ -78,12 +79,6 @@ def _check_estimator(estimator: str) -> str:
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     return estimator
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def _check_tau(tau) -> float:
@@ -122,8 +117,8 @@ def kl_to_uniform(logits: Tensor) -> Tensor:
 def one_hot_configurations(n_latents: int, n_classes: int, *, dtype=None, device=None) -> Tensor:
     """All ``K^N`` joint values of ``N`` one-hot latents: shape ``(K^N, N, K)``, in
     ``itertools.product`` order (the last latent varies fastest)."""
-    _check_int("n_latents", n_latents, 1)
-    _check_int("n_classes", n_classes, 2)
+    check_count("n_latents", n_latents, 1)
+    check_count("n_classes", n_classes, 2)
     index = torch.tensor(list(itertools.product(range(n_classes), repeat=n_latents)), device=device)
     return F.one_hot(index, n_classes).to(dtype or torch.get_default_dtype())
 
@@ -179,7 +174,7 @@ def elbo_estimate(
     """
     _check_estimator(estimator)
     _check_logits(logits)
-    _check_int("num_samples", num_samples, 2 if estimator == "score_function" else 1)
+    check_count("num_samples", num_samples, 2 if estimator == "score_function" else 1)
     _check_tau(tau)
     shape = (num_samples, *logits.shape)
     if gumbels is None:
@@ -226,7 +221,7 @@ def discrete_elbo(
     compared, whatever each one optimized.
     """
     _check_logits(logits)
-    _check_int("num_samples", num_samples, 1)
+    check_count("num_samples", num_samples, 1)
     shape = (num_samples, *logits.shape)
     gumbels = sample_gumbel(shape, generator=generator, dtype=logits.dtype, device=logits.device)
     z = F.one_hot(gumbel_max(logits.expand(shape), gumbels=gumbels), logits.shape[-1]).to(logits.dtype)
@@ -263,8 +258,8 @@ def logit_gradient_samples(
     """
     _check_estimator(estimator)
     _check_logits(logits)
-    _check_int("num_copies", num_copies, 1)
-    _check_int("num_samples", num_samples, 2 if estimator == "score_function" else 1)
+    check_count("num_copies", num_copies, 1)
+    check_count("num_samples", num_samples, 2 if estimator == "score_function" else 1)
     _check_tau(tau)
     shape = (num_copies, num_samples, *logits.shape)
     if gumbels is None:
@@ -328,9 +323,9 @@ class DiscreteVAE(nn.Module):
 
     def __init__(self, x_dim: int, n_latents: int = 20, n_classes: int = 10, hidden: tuple[int, ...] = (256, 128)):
         super().__init__()
-        _check_int("x_dim", x_dim, 1)
-        _check_int("n_latents", n_latents, 1)
-        _check_int("n_classes", n_classes, 2)
+        check_count("x_dim", x_dim, 1)
+        check_count("n_latents", n_latents, 1)
+        check_count("n_classes", n_classes, 2)
         hidden = tuple(hidden)
         if not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden):
             raise ValueError(f"hidden must be a tuple of positive ints, got {hidden!r}")
@@ -383,7 +378,7 @@ class DiscreteVAE(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         """Pixel probabilities for ``n`` latents drawn from the uniform prior: ``(n, D)``."""
-        _check_int("n", n, 1)
+        check_count("n", n, 1)
         weight = self.decoder[0].weight
         index = torch.randint(self.n_classes, (n, self.n_latents), generator=generator, device=weight.device)
         return torch.sigmoid(self.decode(F.one_hot(index, self.n_classes).to(weight.dtype)))
@@ -398,7 +393,7 @@ def make_loss(
     ``train`` passes the optimizer step, so a resumed run continues the schedule where it stopped.
     """
     _check_estimator(estimator)
-    _check_int("num_samples", num_samples, 2 if estimator == "score_function" else 1)
+    check_count("num_samples", num_samples, 2 if estimator == "score_function" else 1)
     if not callable(tau):
         _check_tau(tau)
 

@@ -30,6 +30,8 @@ from typing import Callable, Mapping, NamedTuple
 import torch
 from torch import Tensor
 
+from .._checks import check_count
+
 __all__ = [
     "ConfoundedSCM",
     "simulate",
@@ -55,12 +57,6 @@ def _check_finite(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
-
-
-def _check_count(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 # --------------------------------------------------------------------------- confounded treatment
@@ -95,8 +91,8 @@ def simulate(model: ConfoundedSCM, n: int, *, num_datasets: int | None = None,
     """
     if not isinstance(model, ConfoundedSCM):
         raise ValueError(f"model must be a ConfoundedSCM, got {type(model).__name__}")
-    _check_count("n", n, 2)
-    shape = (n,) if num_datasets is None else (_check_count("num_datasets", num_datasets), n)
+    check_count("n", n, 2)
+    shape = (n,) if num_datasets is None else (check_count("num_datasets", num_datasets), n)
     device = generator.device if generator is not None else None
     x = torch.randn(shape, generator=generator, dtype=dtype, device=device)
     t = torch.bernoulli(torch.sigmoid(model.propensity * x), generator=generator)
@@ -169,7 +165,7 @@ def fit_outcome_model(x: Tensor, t: Tensor, y: Tensor, *, max_iter: int = 500,
     ``gradient_tolerance``. Standard errors from the exact Hessian (``torch.func.hessian``).
     """
     _check_data(x, t, y)
-    _check_count("max_iter", max_iter)
+    check_count("max_iter", max_iter)
     n = x.shape[-1]
     start = torch.zeros(*x.shape[:-1], 4, dtype=x.dtype, device=x.device)
     start[..., 3] = y.std(-1).log()
@@ -296,7 +292,7 @@ def _noise(scm: LinearGaussianSCM, num_samples: int, eps: Tensor | None,
         if not isinstance(eps, Tensor) or eps.dim() != 2 or eps.shape[1] != d:
             raise ValueError(f"eps must be a tensor of shape (S, {d})")
         return eps
-    _check_count("num_samples", num_samples)
+    check_count("num_samples", num_samples)
     s = scm.noise_scale
     return torch.randn(num_samples, d, generator=generator, dtype=s.dtype, device=s.device)
 

@@ -29,6 +29,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .._checks import check_count
+
 __all__ = [
     "LOGGERHEAD_STAGES",
     "LOGGERHEAD_SURVIVAL",
@@ -81,12 +83,6 @@ def _tensor(value, name: str) -> Tensor:
     if not bool(torch.all(torch.isfinite(out))):
         raise ValueError(f"{name} must be finite")
     return out
-
-
-def _check_count(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 # --------------------------------------------------------------------------- the stage matrix
@@ -238,8 +234,8 @@ def simulate_log_census(model: StageModel, n0, years: int, num_paths: int, *, ce
     stage structure. Differentiable in ``model.matrix_mean`` and ``eps`` ``(num_paths, years, F)``.
     """
     _check_model(model)
-    _check_count("years", years)
-    _check_count("num_paths", num_paths)
+    check_count("years", years)
+    check_count("num_paths", num_paths)
     k = model.num_stages
     n = _tensor(n0, "n0").to(model.matrix_mean.dtype)
     if n.shape not in ((k,), (num_paths, k)) or bool(torch.any(n < 0)) or not bool(torch.all(n.sum(-1) > 0)):
@@ -288,9 +284,9 @@ def estimate_growth(model: StageModel, years: int, num_paths: int, *, burn_in: i
     ``eps`` has shape ``(num_paths, burn_in + years, F)``.
     """
     _check_model(model)
-    _check_count("years", years)
-    _check_count("num_paths", num_paths, 2)
-    _check_count("burn_in", burn_in, 0)
+    check_count("years", years)
+    check_count("num_paths", num_paths, 2)
+    check_count("burn_in", burn_in, 0)
     k = model.num_stages
     eps = _noise(model, num_paths, burn_in + years, eps, generator)
     n0 = torch.full((k,), 1.0 / k, dtype=model.matrix_mean.dtype)
@@ -391,8 +387,8 @@ def simulate_diffusion(x_d, mu, sigma2, horizon: float, steps: int, num_paths: i
     ``steps`` equal steps of ``dt = horizon / steps``; returns ``(num_paths, steps + 1)``,
     differentiable in the (scalar) parameters through ``Y = x_d + cumsum(mu dt + sqrt(sigma2 dt) eps)``.
     """
-    _check_count("steps", steps)
-    _check_count("num_paths", num_paths)
+    check_count("steps", steps)
+    check_count("num_paths", num_paths)
     x_d, mu, sigma2 = _tensor(x_d, "x_d"), _tensor(mu, "mu"), _tensor(sigma2, "sigma2")
     if isinstance(horizon, bool) or not isinstance(horizon, (int, float)) or not horizon > 0:
         raise ValueError(f"horizon must be a number > 0, got {horizon!r}")

@@ -45,6 +45,7 @@ from torchdiffeq import odeint, odeint_adjoint
 
 from ..vi import GaussianFit, fit_full_gaussian
 from ..runtime import rng
+from .._checks import check_count
 
 __all__ = [
     "METHODS",
@@ -99,12 +100,6 @@ def _check_data(data: Tensor, times: Tensor, num_species: int) -> Tensor:
         shape = tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__
         raise ValueError(f"data must be a tensor of shape (T, P + 1) = {(times.numel(), num_species)}, got {shape}")
     return data
-
-
-def _check_count(name: str, value: int, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 # --------------------------------------------------------------------------- the model
@@ -489,7 +484,7 @@ def fit_vi(
     _check_data(data, _check_times(times), num_params + 1)
     sigma = _check_positive("noise_scale", noise_scale)
     for name, value in (("num_steps", num_steps), ("num_samples", num_samples), ("num_runs", num_runs)):
-        _check_count(name, value)
+        check_count(name, value)
     lr, init_scale = _check_positive("lr", lr), _check_positive("init_scale", init_scale)
     rtol, atol = _check_positive("rtol", rtol), _check_positive("atol", atol)
     like = {"dtype": data.dtype, "device": data.device}
@@ -584,8 +579,8 @@ def gradient_cost(
     """
     if method not in METHODS[:3]:
         raise ValueError(f"method must be one of {METHODS[:3]}, got {method!r}")
-    _check_count("num_params", num_params)
-    _check_count("repeats", repeats)
+    check_count("num_params", num_params)
+    check_count("repeats", repeats)
     times = torch.linspace(1.25, 10.0, 8, dtype=torch.float64) if times is None else _check_times(times)
     rtol, atol = _check_positive("rtol", rtol), _check_positive("atol", atol)
     log_k = torch.linspace(math.log(0.5), math.log(2.0), num_params, dtype=times.dtype, device=times.device)

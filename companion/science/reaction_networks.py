@@ -31,6 +31,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .._checks import check_count
+
 __all__ = [
     "ReactionNetwork",
     "immigration_death",
@@ -52,12 +54,6 @@ def _as_rate(name: str, value, dtype=torch.float64) -> Tensor:
     if not bool(torch.isfinite(rate)) or bool(rate < 0):
         raise ValueError(f"{name} must be a finite rate >= 0, got {rate.item()!r}")
     return rate
-
-
-def _check_count(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def _check_time(name: str, value) -> float:
@@ -212,7 +208,7 @@ def ssa(network: ReactionNetwork, x0, t_end: float, num_paths: int, *,
     """
     _check_network(network)
     t_end = _check_time("t_end", t_end)
-    _check_count("num_paths", num_paths)
+    check_count("num_paths", num_paths)
     x = _initial_state(network, x0, num_paths, integer=True)
     if times is not None:
         times = torch.as_tensor(times, dtype=torch.float64)
@@ -298,7 +294,7 @@ def cle(network: ReactionNetwork, x0, t_end: float, num_paths: int, *, dt: float
     """
     _check_network(network)
     t_end = _check_time("t_end", t_end)
-    _check_count("num_paths", num_paths)
+    check_count("num_paths", num_paths)
     steps = _num_steps(t_end, dt)
     x = _initial_state(network, x0, num_paths, integer=False)
     eps = _cle_noise(network, num_paths, steps, eps, generator)
@@ -321,7 +317,7 @@ def tau_leap(network: ReactionNetwork, x0, t_end: float, num_paths: int, *, dt: 
     """
     _check_network(network)
     t_end = _check_time("t_end", t_end)
-    _check_count("num_paths", num_paths)
+    check_count("num_paths", num_paths)
     steps = _num_steps(t_end, dt)
     x = _initial_state(network, x0, num_paths, integer=True)
     nu = network.stoichiometry
